@@ -1,0 +1,1 @@
+"""Inference: sampling and autoregressive generation with a KV cache."""

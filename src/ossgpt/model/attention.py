@@ -1,0 +1,100 @@
+"""Grouped-query self-attention with learned sinks and optional sliding window, as in GPT-OSS.
+
+Shapes: B batch, T queries, S keys, H query heads, K = H_kv key/value heads, G = H // K queries per
+key/value head, D head_dim.
+
+Attention sinks: each head has one learned logit `sink[h]` that joins the softmax as if it were one more key
+whose value is zero. Probability mass can flow there, so a head can "attend to nothing" instead of being
+forced to spread weight over real tokens; after the softmax the sink column is dropped.
+
+Two implementations of the same function, chosen by `config.attn_implementation`:
+  * `eager_attention`: einsum scores + explicit softmax, the obviously correct reference;
+  * `sdpa_attention`: PyTorch's fused scaled_dot_product_attention, with the sink folded in as an extra key
+    column (key and value zero, its logit supplied through the additive mask), and GQA without copying K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ossgpt.model.rope import apply_rotary
+
+
+def allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) visibility.
+
+    query_positions [B, T], key_positions [B, S] (-1 = empty or padding) -> bool [B, 1, T, S].
+    A key is visible if it is not in the future and, with a window, fewer than `window` positions back.
+    """
+    q = query_positions[:, None, :, None]
+    k = key_positions[:, None, None, :]
+    visible = (k <= q) & (k >= 0)
+    if window is not None:
+        visible &= k > q - window
+    return visible
+
+
+def eager_attention(q, k, v, sinks, visible, scale):
+    """q [B, H, T, D], k/v [B, K, S, D], sinks [H], visible bool [B, 1, T, S] -> [B, H, T, D]."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, H // K, T, D)  # query head h = kv_head * G + g, as HF's repeat_kv lays them out
+    scores = torch.einsum("bkgtd,bksd->bkgts", q, k) * scale
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    sink = sinks.view(1, K, H // K, 1, 1).expand(B, K, H // K, T, 1).to(scores.dtype)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # the sink is finite, so no row is all -inf
+    probs = logits.softmax(dim=-1)[..., :-1]  # drop the sink column
+    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(v.dtype), v)
+    return out.reshape(B, H, T, D)
+
+
+def sdpa_attention(q, k, v, sinks, visible, scale):
+    """Same contract as `eager_attention`, through F.scaled_dot_product_attention."""
+    B, H, T, D = q.shape
+    zero = k.new_zeros(B, k.shape[1], 1, D)
+    k = torch.cat([k, zero], dim=2)  # the sink "key": its logit comes entirely from the mask below
+    v = torch.cat([v, zero], dim=2)  # ... and its value is zero, so it only soaks up probability
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    bias = torch.cat([bias.expand(B, H, T, -1), sinks.to(q.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+
+
+ATTENTION_IMPLEMENTATIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        self.implementation = config.attn_implementation
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads))
+
+    def forward(self, x, cos, sin, positions, cache=None, cache_start: int = 0):
+        """x [B, T, hidden]; cos/sin from RotaryEmbedding; positions [B, T] (-1 = padding) -> [B, T, hidden].
+
+        With a LayerKVCache, this step's tokens are the cache columns cache_start..cache_start+T-1.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key_positions = positions
+        if cache is not None:
+            k, v, key_positions = cache.update(k, v, positions, cache_start)
+        visible = allowed_keys(positions, key_positions, self.window)
+        out = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, self.sinks, visible, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
