@@ -1,0 +1,1 @@
+"""Training data: turning text files into token shards (`prepare`) and fetching public corpora (`download`)."""
