@@ -28,8 +28,19 @@ def test_round_trip(model, tmp_path, fmt, tied):
     if fmt == "ossgpt":
         assert loaded.config == model.config
     else:  # HF configs carry the architecture, not ossgpt's tokenizer spec or training-only coefficients
-        hf_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "sliding_window", "rope_type",
-                     "rope_theta", "num_local_experts", "num_experts_per_tok", "tie_word_embeddings", "eos_token_id")
+        hf_fields = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "layer_types",
+            "sliding_window",
+            "rope_type",
+            "rope_theta",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "tie_word_embeddings",
+            "eos_token_id",
+        )
         assert {f: getattr(loaded.config, f) for f in hf_fields} == {f: getattr(model.config, f) for f in hf_fields}
     ids = torch.randint(0, 64, (2, 20))
     assert torch.equal(loaded(ids).logits, model(ids).logits)

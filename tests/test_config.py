@@ -13,7 +13,12 @@ def count_parameters(config):
 
 def test_mini_matches_the_seed_shape():
     config = GPTOSSConfigMini()
-    assert (config.num_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (4, 512, 8, 4)
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (
+        4,
+        512,
+        8,
+        4,
+    )
     assert (config.num_experts, config.num_experts_per_token, config.intermediate_size) == (4, 2, 768)
     assert config.vocab_size == 100_352 and config.vocab_size % 128 == 0 and config.eos_token_id == 100_257
     assert config.max_position_embeddings == 2048 and config.rope_type == "yarn" and config.tie_word_embeddings
@@ -26,7 +31,12 @@ def test_published_shapes(name, billions):
     config = GPTOSSConfig.from_preset(name)
     assert config.layer_types[:4] == ["sliding_attention", "full_attention"] * 2
     assert config.sliding_window == 128 and config.vocab_size == 201_088 and not config.tie_word_embeddings
-    assert (config.rope_factor, config.rope_beta_fast, config.rope_beta_slow, config.rope_truncate) == (32, 32, 1, False)
+    assert (config.rope_factor, config.rope_beta_fast, config.rope_beta_slow, config.rope_truncate) == (
+        32,
+        32,
+        1,
+        False,
+    )
     assert round(count_parameters(config) / 1e9, 1) == billions
 
 

@@ -135,7 +135,9 @@ class GPTOSSConfig:
         if self.moe_implementation not in ("sorted", "loop"):
             raise ValueError(f"moe_implementation must be 'sorted' or 'loop', got {self.moe_implementation!r}")
         if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
-            raise ValueError(f"eos_token_id ({self.eos_token_id}) must be a valid id below vocab_size ({self.vocab_size})")
+            raise ValueError(
+                f"eos_token_id ({self.eos_token_id}) must be a valid id below vocab_size ({self.vocab_size})"
+            )
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod

@@ -22,7 +22,9 @@ SUBCOMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ossgpt", description="GPT-OSS from scratch: prepare, train, evaluate, generate.")
+    parser = argparse.ArgumentParser(
+        prog="ossgpt", description="GPT-OSS from scratch: prepare, train, evaluate, generate."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
