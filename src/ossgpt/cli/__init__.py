@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "train": "train a model (one process, or many under torchrun)",
     "eval": "loss, perplexity and bits per byte of a checkpoint on text files",
     "generate": "continue a prompt with a trained checkpoint",
+    "chat": "chat with a checkpoint in the terminal (Harmony format for gpt-oss models)",
+    "convert": "rewrite a checkpoint (ossgpt, Hugging Face, MXFP4, OpenAI original) as ossgpt or Hugging Face",
 }
 
 

@@ -1,0 +1,62 @@
+"""Expert MLPs that keep their weights packed in MXFP4 and dequantize them on the fly.
+
+gpt-oss's experts hold ~90% of its parameters. Kept as MXFP4 (4.25 bits per weight, see ossgpt.quant.mxfp4) instead
+of bfloat16, gpt-oss-20b's experts take ~11 GiB less memory. Each forward dequantizes only the experts that
+received tokens, one expert at a time, so at most one expert's dense weights exist at once.
+
+`use_mxfp4_experts(model)` swaps every layer's `Experts` for an empty `MXFP4Experts`, which
+`from_pretrained(..., keep_mxfp4=True)` then fills from the checkpoint. The module's buffers carry the published
+Hugging Face names (`gate_up_proj_blocks`, ...), so such a model's state dict is the published MXFP4 layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ossgpt.model.moe import Experts, clamped_swiglu
+from ossgpt.quant.mxfp4 import BLOCK_SIZE, dequantize
+
+
+class MXFP4Experts(Experts):
+    """Same function as `Experts`; weights as MXFP4 buffers, biases as parameters.
+
+    gate_up_proj_blocks [E, 2I, H/32, 16], gate_up_proj_scales [E, 2I, H/32]  (rows = output channels, gate/up
+    interleaved as in `Experts`); down_proj_blocks [E, H, I/32, 16], down_proj_scales [E, H, I/32].
+    Built empty, on the meta device: loading assigns the real tensors.
+    """
+
+    def __init__(self, config):
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size  # noqa: E741
+        if H % BLOCK_SIZE or I % BLOCK_SIZE:
+            raise ValueError(f"MXFP4 experts need hidden_size ({H}) and intermediate_size ({I}) divisible by 32")
+        with torch.device("meta"):
+            super().__init__(config)
+        del self.gate_up_proj, self.down_proj  # never materialised: the packed buffers replace them
+        packed = dict(dtype=torch.uint8, device="meta")
+        self.register_buffer("gate_up_proj_blocks", torch.empty(E, 2 * I, H // BLOCK_SIZE, BLOCK_SIZE // 2, **packed))
+        self.register_buffer("gate_up_proj_scales", torch.empty(E, 2 * I, H // BLOCK_SIZE, **packed))
+        self.register_buffer("down_proj_blocks", torch.empty(E, H, I // BLOCK_SIZE, BLOCK_SIZE // 2, **packed))
+        self.register_buffer("down_proj_scales", torch.empty(E, H, I // BLOCK_SIZE, **packed))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], indices/weights [N, k] -> [N, H]: the loop reference of `Experts`, over the experts that
+        received tokens only, each one's weights dequantized to x's dtype for this call."""
+        out = torch.zeros_like(x)
+        for e in indices.unique().tolist():
+            token, slot = torch.where(indices == e)
+            gate_up = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype).T  # [H, 2I]
+            down = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], x.dtype).T  # [I, H]
+            h = clamped_swiglu(x[token] @ gate_up + self.gate_up_proj_bias[e], self.alpha, self.limit)
+            y = (h @ down + self.down_proj_bias[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(x.dtype))
+        return out
+
+
+def use_mxfp4_experts(model) -> None:
+    """Replace every layer's `Experts` by an empty `MXFP4Experts` (to be filled by loading a checkpoint)."""
+    for layer in model.layers:
+        layer.mlp.experts = MXFP4Experts(model.config)
+
+
+def has_mxfp4_experts(model) -> bool:
+    return any(isinstance(layer.mlp.experts, MXFP4Experts) for layer in model.layers)

@@ -1,0 +1,66 @@
+"""MXFP4, the 4-bit microscaling format gpt-oss's expert weights are published in (OCP Microscaling spec).
+
+Values come in blocks of 32 that share one power-of-two scale. Each value is an FP4 E2M1 code (sign, 2 exponent
+bits, 1 mantissa bit), so only 16 values exist:
+
+    code   0    1    2    3    4    5    6    7      8 .. 15
+    value  0   0.5   1   1.5   2    3    4    6      the same, negated (the high bit of the nibble is the sign)
+
+Storage, for a tensor of rows of length K (K a multiple of 32, G = K / 32 blocks per row):
+    blocks [..., G, 16] uint8   two codes per byte, the LOW nibble first: byte j of block g holds the values at
+                                32 g + 2 j (low nibble) and 32 g + 2 j + 1 (high nibble)
+    scales [..., G]     uint8   the block's scale as a biased exponent: the values are multiplied by 2^(s - 127)
+That is 4 + 8/32 = 4.25 bits per weight.
+
+Checkpoints store an expert projection with its rows = output channels ([E, out, in], the reference's x @ W^T),
+while ossgpt's `Experts` hold [E, in, out] (x @ W): `dequantize_experts` transposes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK_SIZE = 32  # values per shared scale
+SCALE_BIAS = 127
+
+
+def check_packed(blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """Raise ValueError unless blocks [..., G, 16] and scales [..., G] are a consistent uint8 MXFP4 pair."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.dim() < 2 or blocks.shape[-1] != BLOCK_SIZE // 2 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match: "
+            f"expected blocks [..., G, {BLOCK_SIZE // 2}] with scales [..., G]"
+        )
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks [..., G, 16], scales [..., G] (uint8) -> values [..., G * 32] in `dtype`.
+
+    Exact in float32 and bfloat16 (an FP4 value has 2 significant bits) for every scale those dtypes can represent.
+    """
+    check_packed(blocks, scales)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).int()  # [..., G, 16, 2]: low nibble first
+    values = lut[codes].flatten(-2)  # [..., G, 32]
+    exponents = scales.int()[..., None] - SCALE_BIAS
+    return torch.ldexp(values, exponents).flatten(-2).to(dtype)
+
+
+def dequantize_experts(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
+    """A checkpoint's packed expert projection -> ossgpt's dense layout.
+
+    blocks [E, out, in / 32, 16], scales [E, out, in / 32] -> weight [E, in, out] in `dtype` on `device`.
+    One expert at a time, so the temporaries stay small next to the result (a gpt-oss-120b layer's gate_up
+    projection is 2.1G values).
+    """
+    check_packed(blocks, scales)
+    E, out_features, groups = scales.shape
+    weight = torch.empty(E, groups * BLOCK_SIZE, out_features, dtype=dtype, device=device)
+    for e in range(E):
+        weight[e] = dequantize(blocks[e].to(weight.device), scales[e].to(weight.device), dtype).T
+    return weight
