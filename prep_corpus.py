@@ -16,8 +16,9 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ossgpt.atomic import atomic_output
 from ossgpt.data.download import openwebtext_documents
-from ossgpt.data.prepare import atomic_output, find_input_files, note_encoding, read_text
+from ossgpt.data.prepare import find_input_files, note_encoding, read_text
 from ossgpt.errors import UserError
 
 DOCUMENT_SEPARATOR = "\n\n"

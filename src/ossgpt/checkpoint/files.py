@@ -5,22 +5,20 @@ Reading: a directory holds `model.safetensors`, or shards `model-00001-of-0000N.
 little more memory than the model itself. safetensors holds only raw tensors and JSON metadata: opening a
 checkpoint from anywhere cannot run code (unlike a pickle).
 
-Writing: everything goes to a temporary sibling directory that is renamed into place at the end, so a crash
-or kill mid-save leaves either the old checkpoint or the new one, never a half-written directory.
+Writing goes through `ossgpt.atomic.atomic_directory`: a crash or kill mid-save leaves either the old
+checkpoint or the new one, never a half-written directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ossgpt.atomic import atomic_directory  # noqa: F401  (re-exported: checkpoint writers use it)
 from ossgpt.errors import UserError
 
 
@@ -63,29 +61,3 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
                     yield name, path, f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise UserError(f"{path} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
-
-
-@contextmanager
-def atomic_directory(final: Path, overwrite: bool = True):
-    """Yield a temporary directory; on success, replace `final` with it in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
-            if not overwrite:
-                raise UserError(f"{final} already exists")
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -21,11 +21,9 @@ import functools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ossgpt import __version__
+from ossgpt.atomic import atomic_output
 from ossgpt.errors import UserError
 from ossgpt.tokenizer import CompactTokenizer, load_tokenizer, split_spec
 
@@ -214,35 +213,3 @@ def write_tokens(path: Path, parts: Sequence[np.ndarray]) -> None:
     with open(path, "wb") as f:
         for part in parts:
             f.write(np.ascontiguousarray(part, dtype=DTYPE).tobytes())
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Write a file or folder under a temporary name; it becomes `path` only if the block completes.
-
-    Yields the temporary path (a sibling of `path`, not yet created). On success it replaces `path`, removing an
-    old `path` only once the new one is in place; on any failure (or Ctrl-C) it is deleted.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    _remove(tmp)  # left behind by a killed run that had the same process id
-    try:
-        yield tmp
-        if path.is_dir():  # rename() cannot replace a non-empty folder, so move the old one aside first
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
