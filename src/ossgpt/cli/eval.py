@@ -2,6 +2,11 @@
 
     ossgpt eval --checkpoint runs/demo unseen.txt --train-data runs/demo/data --plot plots/
     ossgpt eval --checkpoint runs/demo/checkpoint a.txt b.txt --json
+    ossgpt eval --checkpoint runs/demo unseen.txt --context-extension 8 --seq-len 2048 --plot long/
+
+Context extension: a model trained on windows of L tokens is evaluated on longer ones by setting YaRN scaling
+(factor F over an original context of L) at load time, no retraining; `--no-yarn` keeps plain RoPE over the
+longer windows, the control that shows what YaRN buys (compare the two loss_by_position.png).
 
 Several files are scored as separate documents (see ossgpt.eval.metrics). Beside the model's bits per byte it
 reports baselines on the same text (compressors, a unigram model of the training tokens; see
@@ -62,12 +67,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", choices=["cpu", "cuda"], default=None, help="where to run (default: cuda if available, else cpu)"
     )
     parser.add_argument("--no-baselines", action="store_true", help="skip the compressor and unigram baselines")
+    parser.add_argument(
+        "--context-extension",
+        type=float,
+        default=None,
+        metavar="F",
+        help="evaluate up to F times the trained context: YaRN with factor F over the training length (from the "
+        "run's train_config.json, else the model's context)",
+    )
+    parser.add_argument(
+        "--no-yarn", action="store_true", help="with --context-extension: plain RoPE over the longer context (control)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     documents = [read_document(Path(path)) for path in args.files]
     checkpoint = resolve_checkpoint(args.checkpoint)
-    model, tokenizer = load_model_and_tokenizer(checkpoint, device=args.device)
+    overrides = context_extension(checkpoint, args.context_extension, args.no_yarn)
+    model, tokenizer = load_model_and_tokenizer(checkpoint, device=args.device, **overrides)
     text = tokenize_documents(tokenizer, documents)
     result = evaluate_tokens(model, text, args.seq_len, args.batch_size, progress=sys.stderr.isatty())
     baselines = None
@@ -83,6 +100,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(result, baselines, checkpoint, tokenizer.spec, args.files)
     return 0
+
+
+def context_extension(checkpoint: Path, factor: float | None, no_yarn: bool) -> dict:
+    """Config overrides that stretch the model's context `factor` times past the length it was trained on."""
+    if factor is None:
+        if no_yarn:
+            raise UserError("--no-yarn only applies with --context-extension F")
+        return {}
+    if factor < 1:
+        raise UserError(f"--context-extension must be >= 1, got {factor}")
+    from ossgpt.checkpoint import load_config
+
+    config = load_config(checkpoint)
+    if config.rope_type == "yarn" and config.rope_factor > 1:
+        raise UserError(f"this model was trained with YaRN factor {config.rope_factor}; extend models trained with "
+                        "plain RoPE")  # fmt: skip
+    trained = read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("seq_len") or config.max_position_embeddings
+    overrides = {"max_position_embeddings": max(config.max_position_embeddings, int(factor * trained))}
+    if not no_yarn and factor > 1:
+        overrides.update(rope_type="yarn", rope_factor=factor, rope_original_max_position_embeddings=int(trained))
+    return overrides
 
 
 def read_document(path: Path) -> str:

@@ -47,14 +47,17 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_model_and_tokenizer(path: str | Path, device: str | None = "cpu", dtype: torch.dtype = torch.float32):
+def load_model_and_tokenizer(
+    path: str | Path, device: str | None = "cpu", dtype: torch.dtype = torch.float32, **config_overrides
+):
     """(model in eval mode, tokenizer) of the checkpoint at `path` (a model or training run directory).
 
     The tokenizer is the one the model's config names (`config.tokenizer`); a compact vocabulary is rebuilt from
-    the checkpoint's tokenizer.json. device=None picks CUDA when available.
+    the checkpoint's tokenizer.json. device=None picks CUDA when available. config_overrides change non-shape
+    config fields at load time (e.g. RoPE scaling for context extension).
     """
     directory = resolve_checkpoint(path)
-    model = from_pretrained(directory, dtype=dtype, device=resolve_device(device))
+    model = from_pretrained(directory, dtype=dtype, device=resolve_device(device), **config_overrides)
     tokenizer = load_tokenizer(model.config.tokenizer, directory=directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
