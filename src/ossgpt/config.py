@@ -80,6 +80,10 @@ class GPTOSSConfig:
     # --- initialisation and training switches -------------------------------------------------------------
     initializer_range: float = 0.02
     gradient_checkpointing: bool = False
+    # Rows of LM-head logits the chunked cross-entropy forms at a time (ossgpt.model.loss); 0 = the reference
+    # (all [B*T, vocab] logits at once, then F.cross_entropy). Used when forward() gets labels and
+    # return_logits=False.
+    loss_chunk_size: int = 512
 
     def __post_init__(self):
         if not self.layer_types:
@@ -104,6 +108,8 @@ class GPTOSSConfig:
                      "initializer_range"):  # fmt: skip
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if type(self.loss_chunk_size) is not int or self.loss_chunk_size < 0:  # (a bool is not accepted)
+            raise ValueError(f"loss_chunk_size must be a non-negative integer, got {self.loss_chunk_size!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -4,7 +4,8 @@ Each layer keeps keys and values in fixed buffers [B, H_kv, capacity, D] and the
 each slot, [B, capacity] (-1 = empty). Nothing is reallocated per token:
   * full-attention layers: capacity = the longest sequence to be generated; position p lives in slot p;
   * sliding-window layers: capacity = the window; slot p % window, a ring buffer, because a query at p
-    never looks further back than p - window + 1.
+    never looks further back than p - window + 1. A single new token overwrites the one slot its query can
+    no longer see and attends over the buffer as it is (no copy per token).
 Attention masks are built from the stored positions, so the same mask code serves training (no cache),
 prefill and decoding, and left-padded rows (position -1) are simply never attended to.
 """
@@ -29,6 +30,14 @@ class LayerKVCache:
         Slots are indexed by column, not position, so left-padded rows (position -1) share one layout.
         """
         T = k.shape[2]
+        if self.ring and T == 1:
+            # One new token (decoding): it overwrites the oldest slot, which its query could no longer see (it is
+            # `capacity` = window positions back), so the buffer itself then holds exactly what it attends over.
+            slot = start % self.capacity
+            self.keys[:, :, slot : slot + 1] = k
+            self.values[:, :, slot : slot + 1] = v
+            self.positions[:, slot : slot + 1] = positions
+            return self.keys, self.values, self.positions
         if self.ring:
             # Attend over the window kept so far plus all new keys (a prefill may be longer than the window),
             # then keep only the newest `capacity` columns.

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ossgpt.config import SEED_ALIASES, GPTOSSConfig, round_up
 from ossgpt.model.block import Block
 from ossgpt.model.cache import KVCache
+from ossgpt.model.loss import linear_cross_entropy
 from ossgpt.model.moe import Experts, RouterStats
 from ossgpt.model.norms import RMSNorm
 from ossgpt.model.rope import RotaryEmbedding
@@ -32,7 +33,7 @@ class CausalLMOutput:
     logits: torch.Tensor | None  # [B, T, vocab]
     loss: torch.Tensor | None = None  # lm_loss + aux_loss, when labels are given
     lm_loss: torch.Tensor | None = None  # next-token cross-entropy (nats per token)
-    aux_loss: torch.Tensor | None = None  # weighted router losses, averaged over layers
+    aux_loss: torch.Tensor | None = None  # weighted router losses, averaged over layers (None: no labels, no grad)
     router_stats: list[RouterStats] | None = None  # per layer
 
 
@@ -106,6 +107,7 @@ class GPTOSSForCausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, T] -> CausalLMOutput.
 
@@ -116,6 +118,9 @@ class GPTOSSForCausalLM(nn.Module):
             tokens already in `cache`).
         cache: a KVCache; this call's tokens are appended to it.
         logits_to_keep: if > 0, only compute logits for the last that many positions (decoding).
+        return_logits: with labels, False skips the [B, T, vocab] logits (`.logits` is None) and computes the
+            loss chunk by chunk (config.loss_chunk_size rows at a time, see ossgpt.model.loss): what training
+            wants. True (default) returns the logits and takes the loss from them, as HF does.
         """
         B, T = input_ids.shape
         start = cache.seen if cache is not None else 0
@@ -138,17 +143,26 @@ class GPTOSSForCausalLM(nn.Module):
         if cache is not None:
             cache.seen = start + T
         x = self.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-
-        aux_loss = self.aux_loss(all_stats)
-        out = CausalLMOutput(logits=logits, aux_loss=aux_loss, router_stats=all_stats)
-        if labels is not None:
-            out.lm_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        out = CausalLMOutput(logits=None, router_stats=all_stats)
+        if labels is not None or torch.is_grad_enabled():  # decoding (no grad, no labels) skips the router losses
+            out.aux_loss = self.aux_loss(all_stats)
+        if labels is not None and not return_logits and self.config.loss_chunk_size:
+            # Position t predicts labels[t + 1] (HF's shift); -100 targets are ignored.
+            hidden = x[:, :-1].reshape(-1, x.shape[-1])
+            out.lm_loss = linear_cross_entropy(
+                hidden, self.lm_head.weight, labels[:, 1:].reshape(-1), self.config.loss_chunk_size
             )
-            out.loss = out.lm_loss + aux_loss
+        else:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            logits = self.lm_head(x)
+            if labels is not None:
+                out.lm_loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+                )
+            out.logits = logits if return_logits or labels is None else None
+        if labels is not None:
+            out.loss = out.lm_loss + out.aux_loss
         return out
 
     def aux_loss(self, stats: list[RouterStats]) -> torch.Tensor:

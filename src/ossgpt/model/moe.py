@@ -23,26 +23,41 @@ Training regularisers (returned, weighted by config coefficients, as the model's
 
 Two dispatch implementations of the same function, chosen by `config.moe_implementation`:
   * `loop`: for each expert, gather its tokens, run the MLP, scatter back (the obviously correct reference);
-  * `sorted`: sort the N*k assignments by expert so each expert's tokens are one contiguous slice, run each
-    expert's matmul on its slice (`grouped_linear`), and add the weighted results back with one index_add.
+  * `sorted`: sort the N*k assignments by expert so each expert's tokens are one contiguous slice, multiply
+    every slice by its expert's weights in one grouped matmul (`grouped_linear`: torch's grouped_mm kernel
+    where this torch/device/dtype has one, else a loop over the slices), and add the weighted results back
+    with one index_add.
+
+Both index the stacked [E, ...] parameters per expert through `unbind`, not `weight[e]`: the backward of
+`weight[e]` materialises a zero [E, ...] gradient per expert (E^2 traffic; with 32 experts this alone made
+a layer ~10x slower), whereas the backward of unbind stacks the E slices once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
 class RouterStats:
-    """What a MoE layer reports besides its output (per layer)."""
+    """What a MoE layer reports besides its output (per layer). The two losses are computed on first access, so
+    that decoding, which never reads them, does not pay for them."""
 
-    load_balancing_loss: torch.Tensor  # scalar
-    z_loss: torch.Tensor  # scalar
-    expert_counts: torch.Tensor  # [E] assignments per expert in this forward (no grad)
+    def __init__(self, router_logits: torch.Tensor, expert_indices: torch.Tensor, num_experts: int):
+        self.router_logits = router_logits  # [N, E]
+        self.expert_indices = expert_indices  # [N, k]
+        self.expert_counts = torch.bincount(expert_indices.reshape(-1), minlength=num_experts)  # [E], no grad
+
+    @cached_property
+    def load_balancing_loss(self) -> torch.Tensor:  # scalar
+        return load_balancing_loss(self.router_logits, self.expert_indices)
+
+    @cached_property
+    def z_loss(self) -> torch.Tensor:  # scalar
+        return router_z_loss(self.router_logits)
 
 
 def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -101,18 +116,15 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
 
-    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert on its tokens: x [n, H] -> [n, H]."""
-        h = clamped_swiglu(x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e], self.alpha, self.limit)
-        return h @ self.down_proj[e] + self.down_proj_bias[e]
-
     def forward_loop(self, x, indices, weights):
         """Reference: x [N, H], indices/weights [N, k] -> [N, H]."""
         out = torch.zeros_like(x)
-        for e in range(self.num_experts):
+        per_expert = (self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias)
+        for e, (gate_up, gate_up_bias, down, down_bias) in enumerate(zip(*(p.unbind(0) for p in per_expert))):
             token, slot = torch.where(indices == e)
             if token.numel():
-                y = self.expert_mlp(e, x[token]) * weights[token, slot, None]
+                h = clamped_swiglu(x[token] @ gate_up + gate_up_bias, self.alpha, self.limit)
+                y = (h @ down + down_bias) * weights[token, slot, None]
                 out.index_add_(0, token, y.to(x.dtype))
         return out
 
@@ -123,10 +135,12 @@ class Experts(nn.Module):
         order = torch.argsort(flat_expert, stable=True)
         token = order // k  # which token each sorted assignment came from
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        xs = x[token]  # [N*k, H], grouped by expert
+        # index_select rather than x[token]: its backward is an index_add, several times faster on CPU than the
+        # accumulating index_put that advanced indexing's backward uses.
+        xs = x.index_select(0, token)  # [N*k, H], grouped by expert
         h = grouped_linear(xs, self.gate_up_proj, self.gate_up_proj_bias, counts)
         y = grouped_linear(clamped_swiglu(h, self.alpha, self.limit), self.down_proj, self.down_proj_bias, counts)
-        y = y * weights.reshape(-1)[order, None]
+        y = y * weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def forward(self, x, indices, weights):
@@ -135,14 +149,82 @@ class Experts(nn.Module):
         return self.forward_sorted(x, indices, weights)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x [M, in] grouped by expert (counts [E], summing to M) times that expert's weight [E, in, out] + bias."""
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
+) -> torch.Tensor:
+    """Rows of x [M, in] grouped by expert (counts [E], summing to M) times that expert's weight [E, in, out] + bias.
+
+    use_grouped_mm: None = torch's grouped_mm kernel when it works here (see `grouped_mm_available`), else a loop
+    over the experts' slices; True/False force one (tests compare the two).
+    """
+    dtype = _matmul_dtype(x, weight)
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_available(x.device, dtype) and _aligned(x, weight)
+    if use_grouped_mm:
+        offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each group
+        with torch.autocast(x.device.type, enabled=False):  # grouped_mm has no autocast rule: cast by hand
+            out = _GROUPED_MM(x.to(dtype), weight.to(dtype), offs=offsets)
+        # One bias row per expert, repeated over its rows; output_size avoids a device->host sync.
+        return out + bias.to(out.dtype).repeat_interleave(counts, dim=0, output_size=x.shape[0])
     splits = counts.tolist()
     outs = [
-        torch.addmm(bias[e], xe, weight[e]) if n else xe.new_zeros(0, weight.shape[-1])
-        for e, (xe, n) in enumerate(zip(x.split(splits), splits))
+        torch.addmm(b, xe, w) if n else xe.new_zeros(0, weight.shape[-1])
+        for xe, w, b, n in zip(x.split(splits), weight.unbind(0), bias.unbind(0), splits)
     ]
     return torch.cat(outs)
+
+
+# torch >= 2.10 calls it F.grouped_mm; 2.8/2.9 have the private torch._grouped_mm (CUDA only before 2.9).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm works on this device type and dtype (probed once, then cached).
+
+    Support varies with the torch version, the device (CPU kernel from torch 2.9; CUDA needs sm80+) and dtype
+    (some CUDA builds take bfloat16 only), so tiny calls are tried instead of encoding a version table: the
+    forward product and the 2D x 2D one its backward uses for the weight gradient. The probe runs without
+    autograd, so that nothing it does is recorded (it may first run inside a checkpointed block).
+    """
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        works = _GROUPED_MM is not None
+        if works:
+            try:
+                with torch.no_grad():
+                    # Fixed inputs (not torch.randn): probing must not move the caller's random stream.
+                    x = torch.linspace(-1, 1, 128, device=device).view(8, 16).to(dtype)
+                    w = torch.linspace(-1, 1, 256, device=device).view(2, 16, 8).to(dtype)
+                    offsets = torch.tensor([3, 8], device=device, dtype=torch.int32)
+                    y = _GROUPED_MM(x, w, offs=offsets)  # [8, 8]: rows 0-2 times w[0], rows 3-7 times w[1]
+                    grad_w = _GROUPED_MM(x.t(), y, offs=offsets)  # [2, 16, 8], as autograd's backward calls it
+                    expected_y = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+                    expected_grad_w = torch.stack([x[:3].t() @ y[:3], x[3:].t() @ y[3:]])
+                    works = all(
+                        torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+                        for got, want in ((y, expected_y), (grad_w, expected_grad_w))
+                    )
+            except (RuntimeError, NotImplementedError, TypeError):
+                works = False
+        _GROUPED_MM_WORKS[key] = works
+    return _GROUPED_MM_WORKS[key]
+
+
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x and weight runs in: the autocast dtype under autocast, else the promoted one."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """grouped_mm's kernels want 16-byte aligned data (memory-mapped checkpoints may not be) and row strides in
+    multiples of 16 bytes (e.g. no bfloat16 width of 20); anything else takes the loop."""
+    return all(
+        t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride() if stride != 1)
+        for t in tensors
+    )
 
 
 class MoE(nn.Module):
@@ -158,9 +240,4 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, H)
         logits, weights, indices = self.router(flat)
         y = self.experts(flat, indices, weights)
-        stats = RouterStats(
-            load_balancing_loss=load_balancing_loss(logits, indices),
-            z_loss=router_z_loss(logits),
-            expert_counts=torch.bincount(indices.reshape(-1), minlength=self.experts.num_experts).detach(),
-        )
-        return y.reshape(B, T, H), stats
+        return y.reshape(B, T, H), RouterStats(logits, indices, self.experts.num_experts)

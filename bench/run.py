@@ -1,0 +1,499 @@
+"""Benchmarks: ossgpt against Hugging Face transformers' GptOss, on this machine, with the machine's own bounds.
+
+    python bench/run.py                       # the full table, `mini` shapes (a few minutes on 2 CPU cores)
+    python bench/run.py --quick               # smoke run: tiny shapes, one round (checks the script works)
+    python bench/run.py --rounds 7 --json out.json --rows train,decode
+
+Prints a markdown table and writes the same rows as JSON (default bench/results.json). Every row is measured
+the same way: R rounds; in each round the machine bounds are measured again, then every row's ossgpt and
+reference runs, alternating which goes first; a row reports the medians over the rounds. Interleaving matters
+on a shared machine: whatever else runs then slows both sides of a comparison alike.
+
+Columns: ossgpt and reference in the row's unit (throughput: higher is better; memory: lower is better),
+ratio = ossgpt / reference (memory: reference / ossgpt, so > 1 is better everywhere), the row's goal, the bound
+this machine puts on ossgpt's number (from the measured matmul FLOP/s or memory bandwidth and the FLOPs or
+bytes the work needs, see `train_flops_per_token`, `decode_bytes_per_step`) and ossgpt's share of it.
+
+The reference is transformers' GptOssForCausalLM as it runs by default (eager attention, the `grouped_mm`
+experts dispatch), float32, loaded with the same weights. Both sides train with torch's fused AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
+from ossgpt.checkpoint.hf_config import config_to_hf
+from ossgpt.inference.decode_fast import quantize_for_decoding
+from ossgpt.model.moe import Experts
+
+# What the trainer uses on CPU (float32; bfloat16 autocast measured slower here, see BENCHMARKS.md).
+DEFAULT_TRAIN_DTYPE = torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+@dataclass
+class Shapes:
+    preset: str
+    batch: int
+    seq_len: int
+    moe: dict  # experts, top_k, hidden, intermediate, tokens
+    prompt_len: int
+    new_tokens: int
+    decode_batch: int
+    overrides: dict = field(default_factory=dict)  # applied to the preset
+
+
+FULL = Shapes("mini", 4, 256, dict(experts=32, top_k=4, hidden=512, intermediate=768, tokens=1024), 16, 64, 8)
+QUICK = Shapes(
+    "tiny", 2, 32, dict(experts=8, top_k=2, hidden=64, intermediate=64, tokens=64), 4, 4, 2,
+    overrides=dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                   vocab_size=512, eos_token_id=0, sliding_window=16, max_position_embeddings=128),
+)  # fmt: skip
+
+
+def model_config(shapes: Shapes) -> GPTOSSConfig:
+    return GPTOSSConfig.from_preset(shapes.preset, **shapes.overrides)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_pair(config: GPTOSSConfig, seed: int = 0):
+    """ossgpt's model and transformers' GptOssForCausalLM with the same weights (float32)."""
+    torch.manual_seed(seed)
+    ours = GPTOSSForCausalLM(config)
+    with torch.no_grad():  # non-zero biases and sinks, so that both sides really use them
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.normal_(0, 0.02)
+    hf = build_hf(config)
+    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"weights did not map onto the HF model: missing {missing}, unexpected {unexpected}")
+    return ours, hf
+
+
+def build_hf(config: GPTOSSConfig):
+    """transformers' GptOssForCausalLM for `config` (random weights)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(**config_to_hf(config)))
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (Linux/glibc only).
+
+    By default glibc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, so each training
+    step's big tensors (the [vocab, hidden] gradients, logits buffers) are paged in again, one page fault per
+    4 KiB: ~50 ms per 205 MB gradient on this machine. Raising the mmap and trim thresholds to 1 GiB lets the heap
+    reuse them. Peak memory is unchanged; the process just stops shrinking between steps. Returns success.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def fused_adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs / bytes
+def matmul_params_per_token(config: GPTOSSConfig, experts_read: float | None = None) -> dict[str, float]:
+    """Weights each token multiplies by (the active experts only), by part."""
+    H, I, D = config.hidden_size, config.intermediate_size, config.head_dim  # noqa: E741
+    attention = H * D * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    experts = config.num_experts_per_tok if experts_read is None else experts_read
+    return {
+        "attention": config.num_hidden_layers * attention,
+        "router": config.num_hidden_layers * H * config.num_local_experts,
+        "experts": config.num_hidden_layers * experts * 3 * H * I,
+        "lm_head": config.vocab_size * H,
+    }
+
+
+def train_flops_per_token(config: GPTOSSConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token: 3 x forward (backward = 2 x forward), forward = 2 x weights used + the
+    attention scores and values over the keys a token sees (causal mean (T+1)/2, at most the window)."""
+    dense = 2 * sum(matmul_params_per_token(config).values())
+    keys = 0.0
+    for kind in config.layer_types:
+        visible = [min(t + 1, config.sliding_window) if kind == "sliding_attention" else t + 1 for t in range(seq_len)]
+        keys += sum(visible) / seq_len
+    attention = 2 * 2 * config.num_attention_heads * config.head_dim * keys
+    return 3 * (dense + attention)
+
+
+def decode_bytes_per_step(config: GPTOSSConfig, batch: int, context: int, weights: str) -> float:
+    """Bytes one decoding step must read: every weight it uses once (the experts that any row of the batch routes
+    to, expected under uniform routing), biases, and the KV cache (float32)."""
+    E, k = config.num_local_experts, config.num_experts_per_tok
+    experts_read = E * (1 - (1 - k / E) ** batch)
+    params = matmul_params_per_token(config, experts_read)
+    weight_bytes = 1 if weights == "int8" else 4
+    total = sum(params.values()) * weight_bytes
+    if weights == "int8":  # one bfloat16 scale per output channel of each int8 matrix
+        H, I = config.hidden_size, config.intermediate_size  # noqa: E741
+        per_layer = 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+        per_layer += experts_read * (2 * I + H)
+        total += 2 * (config.num_hidden_layers * per_layer + config.vocab_size)
+    kv = 2 * config.num_key_value_heads * config.head_dim * 4 * batch
+    total += sum(kv * (min(context, config.sliding_window) if kind == "sliding_attention" else context)
+                 for kind in config.layer_types)  # fmt: skip
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_bounds(quick: bool) -> dict[str, float]:
+    """Matmul FLOP/s (float32, bfloat16) and memory bandwidth (a float32 GEMV on a matrix larger than the caches),
+    each the best of 3 calls."""
+    n = 512 if quick else 2048
+    bounds = {}
+    for name, dtype in (("fp32 matmul", torch.float32), ("bf16 matmul", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        bounds[name] = 2 * n**3 / min(timed(lambda a=a, b=b: a @ b) for _ in range(3))
+    rows, cols = (2048, 2048) if quick else (16384, 8192)  # 512 MB: twice this machine's L3
+    w, x = torch.randn(rows, cols), torch.randn(1, cols)
+    F.linear(x, w)
+    bounds["memory bandwidth"] = w.numel() * 4 / min(timed(lambda: F.linear(x, w)) for _ in range(3))
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+def training_step(model, optimizer, ids, dtype=torch.float32, ours=True):
+    """One optimizer step: forward + loss, backward, AdamW."""
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = model(ids, labels=ids, return_logits=False) if ours else model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def moe_pair(spec: dict, seed: int = 0):
+    """ossgpt's Experts and transformers' GptOssExperts (default dispatch and its eager loop), same weights, plus
+    one fixed routing of `tokens` tokens."""
+    import copy
+
+    import transformers
+
+    E, k, H, I, N = (spec[key] for key in ("experts", "top_k", "hidden", "intermediate", "tokens"))  # noqa: E741
+    config = GPTOSSConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    torch.manual_seed(seed)
+    ours = Experts(config)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    hf = {}
+    hf_config = transformers.GptOssConfig(
+        hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k
+    )
+    for impl in ("grouped_mm", "eager"):
+        c = copy.deepcopy(hf_config)
+        c._experts_implementation = impl
+        hf[impl] = transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts(c)
+        hf[impl].load_state_dict(ours.state_dict())
+    x = torch.randn(N, H)
+    top, indices = torch.randn(N, E).topk(k, dim=-1)
+    return ours, hf, x, indices, top.softmax(dim=-1)
+
+
+def moe_step(module, x, indices, weights, grad):
+    x = x.detach().requires_grad_()
+    module(x, indices, weights).backward(grad)
+    for p in module.parameters():
+        p.grad = None
+
+
+def decode_inputs(config: GPTOSSConfig, shapes: Shapes, seed: int = 1):
+    """One prompt [1, P], and a left-padded batch of `decode_batch` prompts of lengths P/2..P with its mask."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(config.vocab_size, 100_000)
+    prompt = torch.randint(0, vocab, (1, shapes.prompt_len), generator=g)
+    B, P = shapes.decode_batch, shapes.prompt_len
+    batch = torch.zeros(B, P, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for row in range(B):
+        n = P // 2 + (P - P // 2) * row // max(B - 1, 1)
+        batch[row, P - n :] = torch.randint(0, vocab, (n,), generator=g)
+        mask[row, P - n :] = 1
+    return prompt, batch, mask
+
+
+def hf_generate(hf, ids, mask, new_tokens):
+    return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def peak_memory_child(side: str, quick: bool) -> None:
+    """Run in a fresh process: build one side, take two training steps, print the peak resident memory above what
+    the process held before building the model (model, gradients, optimizer state and the step's activations)."""
+    shapes = QUICK if quick else FULL
+    config = model_config(shapes)
+    ids = torch.randint(0, min(config.vocab_size, 100_000), (shapes.batch, shapes.seq_len))
+    import transformers  # noqa: F401  (both sides import everything before the baseline is taken)
+
+    baseline = _status_bytes("VmRSS")
+    model = build_hf(config) if side == "hf" else GPTOSSForCausalLM(config)
+    model.train()
+    optimizer = fused_adamw(model)
+    for _ in range(2):
+        training_step(model, optimizer, ids, DEFAULT_TRAIN_DTYPE, ours=side == "ours")
+    print(json.dumps({"peak_bytes": _status_bytes("VmHWM") - baseline}))
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux). VmHWM, the peak resident size, belongs to
+    this program image: unlike getrusage's ru_maxrss, it does not inherit the parent's peak across fork + exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_peak_memory(side: str, quick: bool, keep_freed: bool) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", side] + (["--quick"] if quick else [])
+    cmd += ["--keep-freed-memory"] if keep_freed else []
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------- the table
+@dataclass
+class Row:
+    key: str
+    what: str
+    unit: str
+    ours: float | None = None
+    reference: float | None = None
+    reference_name: str = "HF"
+    goal: str = ""
+    goal_ratio: float | None = None  # met when ratio >= this
+    goal_bound: float | None = None  # met when % of bound >= this
+    bound: float | None = None
+    lower_is_better: bool = False
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or self.reference is None:
+            return None
+        return self.reference / self.ours if self.lower_is_better else self.ours / self.reference
+
+    @property
+    def share_of_bound(self) -> float | None:
+        return None if self.ours is None or self.bound is None else self.ours / self.bound
+
+    @property
+    def met(self) -> bool | None:
+        checks = []
+        if self.goal_ratio is not None and self.ratio is not None:
+            checks.append(self.ratio >= self.goal_ratio)
+        if self.goal_bound is not None and self.share_of_bound is not None:
+            checks.append(self.share_of_bound >= self.goal_bound)
+        return all(checks) if checks else None
+
+
+def run(args) -> list[Row]:
+    quick = args.quick
+    shapes = QUICK if quick else FULL
+    rounds = args.rounds or (1 if quick else 5)
+    wanted = set(args.rows.split(",")) if args.rows else {"train", "moe", "decode", "memory"}
+    config = model_config(shapes)
+    tokens = shapes.batch * shapes.seq_len
+    samples: dict[str, list[float]] = {}
+
+    def record(key, value):
+        samples.setdefault(key, []).append(value)
+
+    # Build everything once; each workload gets one untimed warm-up call.
+    work = []  # (key, callable returning the measured value), run in this order every round
+    if "train" in wanted:
+        ours, hf = build_pair(config)
+        ours_bf16 = GPTOSSForCausalLM(config)
+        ours_bf16.load_state_dict(ours.state_dict())
+        ids = torch.randint(0, min(config.vocab_size, 100_000), (shapes.batch, shapes.seq_len))
+        opt_ours, opt_hf, opt_bf16 = fused_adamw(ours), fused_adamw(hf), fused_adamw(ours_bf16)
+        for m in (ours.train(), hf.train(), ours_bf16.train()):
+            m.train()
+        bf16 = torch.bfloat16
+        work += [
+            ("train.ours", lambda: tokens / timed(lambda: training_step(ours, opt_ours, ids, DEFAULT_TRAIN_DTYPE))),
+            ("train.hf", lambda: tokens / timed(lambda: training_step(hf, opt_hf, ids, ours=False))),
+            ("train.ours_bf16", lambda: tokens / timed(lambda: training_step(ours_bf16, opt_bf16, ids, bf16))),
+        ]
+    if "moe" in wanted:
+        spec = shapes.moe
+        moe_ours, moe_hf, x, indices, weights = moe_pair(spec)
+        grad = torch.randn(spec["tokens"], spec["hidden"])
+        work += [
+            (f"moe.{name}", lambda m=m: spec["tokens"] / timed(lambda: moe_step(m, x, indices, weights, grad)))
+            for name, m in (("ours", moe_ours), ("hf", moe_hf["grouped_mm"]), ("hf_eager", moe_hf["eager"]))
+        ]
+    if "decode" in wanted:
+        d_ours, d_hf = build_pair(config, seed=2)
+        d_ours.eval(), d_hf.eval()
+        d_int8 = quantize_for_decoding(d_ours)
+        prompt, batch, mask = decode_inputs(config, shapes)
+        n = shapes.new_tokens
+        ones = torch.ones_like(prompt)
+        work += [
+            ("decode.ours_fp32", lambda: n / timed(lambda: d_ours.generate(prompt, max_new_tokens=n))),
+            ("decode.ours_int8", lambda: n / timed(lambda: d_int8.generate(prompt, max_new_tokens=n))),
+            ("decode.hf", lambda: n / timed(lambda: hf_generate(d_hf, prompt, ones, n))),
+            ("decode_batch.ours_int8",
+             lambda: batch.shape[0] * n / timed(lambda: d_int8.generate(batch, attention_mask=mask, max_new_tokens=n))),
+            ("decode_batch.hf", lambda: batch.shape[0] * n / timed(lambda: hf_generate(d_hf, batch, mask, n))),
+        ]  # fmt: skip
+    for _, fn in work:  # warm-up
+        fn()
+    for r in range(rounds):
+        for key, value in measure_bounds(quick).items():
+            record(f"bound.{key}", value)
+        order = work if r % 2 == 0 else work[::-1]
+        for key, fn in order:
+            record(key, fn())
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    if "memory" in wanted:
+        for side in ("ours", "hf"):
+            record(f"memory.{side}", measure_peak_memory(side, quick, args.keep_freed_memory))
+
+    med = {key: statistics.median(values) for key, values in samples.items()}
+    fp32, bf16, bandwidth = med["bound.fp32 matmul"], med["bound.bf16 matmul"], med["bound.memory bandwidth"]
+    n, mb = (512, 16) if quick else (2048, 512)  # the sizes measure_bounds uses
+    rows = [
+        Row("bound.fp32", f"matmul FLOP/s, float32 ({n}^3)", "GFLOP/s", fp32 / 1e9),
+        Row("bound.bf16", f"matmul FLOP/s, bfloat16 ({n}^3)", "GFLOP/s", bf16 / 1e9),
+        Row("bound.bw", f"memory bandwidth (float32 GEMV, {mb} MB)", "GB/s", bandwidth / 1e9),
+    ]
+    if "train" in wanted:
+        flops = train_flops_per_token(config, shapes.seq_len)
+        what = f"training step, B={shapes.batch} T={shapes.seq_len}, fwd+loss+bwd+AdamW"
+        rows += [
+            Row("train.default", f"{what}, default mode (float32) vs HF float32", "tokens/s", med["train.ours"],
+                med["train.hf"], goal=">= 2.0x HF", goal_ratio=2.0, bound=fp32 / flops),
+            Row("train.fp32", f"{what}, both float32", "tokens/s", med["train.ours"], med["train.hf"],
+                goal=">= 1.1x HF, >= 70% of bound", goal_ratio=1.1, goal_bound=0.7, bound=fp32 / flops),
+            Row("train.bf16", f"{what}, ossgpt bf16 autocast vs HF float32", "tokens/s", med["train.ours_bf16"],
+                med["train.hf"], goal="(not default: slower here)", bound=bf16 / flops),
+        ]  # fmt: skip
+    if "moe" in wanted:
+        s = shapes.moe
+        flops = 3 * 2 * s["top_k"] * 3 * s["hidden"] * s["intermediate"]  # per token, fwd + bwd
+        what = f"MoE experts fwd+bwd, {s['experts']} experts top-{s['top_k']}, H={s['hidden']} I={s['intermediate']}"
+        rows += [
+            Row("moe.default", f"{what}, vs HF's default dispatch (grouped_mm)", "tokens/s", med["moe.ours"],
+                med["moe.hf"], goal=">= 3x HF experts", goal_ratio=3.0, bound=fp32 / flops),
+            Row("moe.eager", f"{what}, vs HF GptOssExperts.forward (its loop)", "tokens/s", med["moe.ours"],
+                med["moe.hf_eager"], reference_name="HF eager", goal=">= 3x HF experts", goal_ratio=3.0,
+                bound=fp32 / flops),
+        ]  # fmt: skip
+    if "decode" in wanted:
+        n, P, B = shapes.new_tokens, shapes.prompt_len, shapes.decode_batch
+        context = P + n // 2
+        what = f"greedy decode, {n} new tokens after {P}"
+        rows += [
+            Row("decode.fp32", f"{what}, batch 1, float32 weights", "tokens/s", med["decode.ours_fp32"],
+                med["decode.hf"], goal=">= 2x HF, >= 80% of bound", goal_ratio=2.0, goal_bound=0.8,
+                bound=bandwidth / decode_bytes_per_step(config, 1, context, "fp32")),
+            Row("decode.int8", f"{what}, batch 1, int8 weights (ossgpt) vs HF float32", "tokens/s",
+                med["decode.ours_int8"], med["decode.hf"], goal=">= 2x HF, >= 80% of bound", goal_ratio=2.0,
+                goal_bound=0.8, bound=bandwidth / decode_bytes_per_step(config, 1, context, "int8")),
+            Row("decode_batch.int8", f"{what}, batch {B} (left-padded), int8 vs ossgpt int8 batch 1", "tokens/s",
+                med["decode_batch.ours_int8"], med["decode.ours_int8"], reference_name="ossgpt batch 1",
+                goal=">= 5x batch 1", goal_ratio=5.0,
+                bound=B * bandwidth / decode_bytes_per_step(config, B, context, "int8")),
+            Row("decode_batch.hf", f"{what}, batch {B}: ossgpt int8 vs HF float32 batch {B}", "tokens/s",
+                med["decode_batch.ours_int8"], med["decode_batch.hf"], goal="(info)"),
+        ]  # fmt: skip
+    if "memory" in wanted:
+        rows.append(Row("memory", f"peak memory of a training step (B={shapes.batch}, T={shapes.seq_len}), above "
+                        "the process before the model", "MB", med["memory.ours"] / 2**20, med["memory.hf"] / 2**20,
+                        goal="<= HF", goal_ratio=1.0, lower_is_better=True))  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    def fmt(v, digits=1):
+        return "" if v is None else f"{v:,.{digits}f}"
+
+    lines = [
+        "| what | unit | ossgpt | reference | ratio | goal | met | bound | % of bound |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        ref = "" if r.reference is None else f"{fmt(r.reference)} ({r.reference_name})"
+        met = {True: "yes", False: "**no**", None: ""}[r.met]
+        share = "" if r.share_of_bound is None else f"{100 * r.share_of_bound:.0f}%"
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
+        lines.append(f"| {r.what} | {r.unit} | {fmt(r.ours)} | {ref} | {ratio} | {r.goal} | {met} | {fmt(r.bound)} "
+                     f"| {share} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks the script works")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5, quick 1)")
+    parser.add_argument("--rows", default="", help="comma-separated subset of: train,moe,decode,memory")
+    parser.add_argument("--json", default=str(Path(__file__).with_name("results.json")), help="where to write rows")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc: reuse freed memory instead of unmapping it (see keep_freed_memory); both sides",
+    )
+    parser.add_argument("--memory-child", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc's mallopt")
+    if args.memory_child:
+        peak_memory_child(args.memory_child, args.quick)
+        return
+    started = time.time()
+    rows = run(args)
+    table = markdown(rows)
+    print(table)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.time() - started, 1),
+        "keep_freed_memory": args.keep_freed_memory,
+    }
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    payload = {"meta": meta, "rows": [{**asdict(r), "ratio": r.ratio, "share_of_bound": r.share_of_bound,
+                                       "met": r.met} for r in rows]}  # fmt: skip
+    Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\n{meta['date']}, {meta['seconds']} s; rows written to {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`ossgpt train --data DATA_DIR --out RUN_DIR [--preset tiny] ...`: train a model on a prepared data folder.
+
+    ossgpt train --data data/novels --out runs/novels --preset tiny --max-minutes 8
+    ossgpt train --data data/novels --out runs/novels --resume --max-steps 600
+    torchrun --nproc_per_node=2 -m ossgpt train --data data/web --out runs/web --preset mini --distributed fsdp
+
+Every flag is a field of TrainConfig (ossgpt.training.config), generated from it; a flag not given takes the
+preset's default. See ossgpt.training.trainer for what RUN_DIR holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from ossgpt.training import TrainConfig, train
+from ossgpt.training.config import PRESET_DEFAULTS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        options = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,  # absent from the namespace: the preset's default applies
+            "help": f.metadata["help"] + _defaults_text(f),
+            "required": f.metadata.get("required", False),
+        }
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            options.update(action="append", metavar=f.metadata["metavar"])
+        else:
+            scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # `float | None` -> float
+            options.update(type=scalar, metavar=f.metadata.get("metavar", "N" if scalar is int else "X"))
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def _defaults_text(f: dataclasses.Field) -> str:
+    """The help's "(default: 0.0006; tiny: 0.003)": a scalar field's default, and each preset's that differs."""
+    if f.metadata.get("required") or f.default in (None, dataclasses.MISSING) or isinstance(f.default, bool):
+        return ""
+    per_preset = "".join(f"; {name}: {values[f.name]}" for name, values in PRESET_DEFAULTS.items() if f.name in values)
+    return f" (default: {f.default}{per_preset})"
+
+
+def run(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    train(TrainConfig.for_preset(given.pop("preset", TrainConfig.preset), **given))
+    return 0

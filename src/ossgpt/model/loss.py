@@ -1,0 +1,129 @@
+"""Next-token cross-entropy through the LM head without materialising all the logits.
+
+Shapes: N rows (tokens with a target), H hidden, V vocabulary, C rows per chunk.
+
+The reference (`reference_linear_cross_entropy`) is the textbook pair `F.linear` then `F.cross_entropy`: it
+holds the full [N, V] float32 logits, their log-softmax and, in the backward pass, their gradient. For the
+`mini` preset (N = 1024, V = 100,352) each of those is 411 MB, and the passes over them are memory bound.
+
+`linear_cross_entropy` computes the same mean loss C rows at a time. For each chunk it forms the logits
+[C, V] in one reusable buffer, takes loss_i = logsumexp_i - logit_i[label_i], and, when gradients are
+needed, turns the buffer in place into the gradient of the *mean* loss with respect to the logits,
+    dlogits = (softmax - onehot(label)) / n_valid            (zero rows for ignored targets)
+and immediately applies the LM head's two backward matmuls,
+    dx_chunk = dlogits @ W              dW += dlogits^T @ x_chunk.
+The backward pass then only scales the stored dx, dW by the incoming gradient (a scalar). That is the same
+three matmuls as the unfused path, with no recomputation, and the [N, V] logits never exist: peak extra memory
+is one [C, V] float32 buffer plus dW [V, H], which the weight's gradient needs anyway.
+
+Under autocast the matmuls run in the autocast dtype (as F.linear would); the softmax is always float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def reference_linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """x [N, H], weight [V, H], labels [N] -> mean cross-entropy over non-ignored rows (full logits)."""
+    return F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=ignore_index)
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 256,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Same contract as `reference_linear_cross_entropy`, chunk_size rows of logits at a time."""
+    # Autograd runs Function.forward with grad mode off, so whether gradients are wanted is decided here.
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_size, ignore_index, need_grad)
+
+
+def _softmax_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None, block: int):
+    """Per-row loss of float32 logits [c, V] with targets [c, 1] -> [c].
+
+    If `scale` [c, 1] is given, `logits` is overwritten with (softmax - onehot(label)) * scale, the gradient.
+    Works `block` rows at a time: each pass (max, exp, sum, scale) then finds its rows still in the L2 cache,
+    instead of streaming the whole [c, V] buffer through memory five times.
+    """
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for r in range(0, logits.shape[0], block):
+        z, y = logits[r : r + block], labels[r : r + block]
+        target = z.gather(1, y)
+        top = z.amax(dim=1, keepdim=True)
+        total = z.sub_(top).exp_().sum(dim=1, keepdim=True)  # z now holds exp(logit - max)
+        losses[r : r + block] = (top + total.log() - target).squeeze(1)
+        if scale is not None:
+            s = scale[r : r + block]
+            z.mul_(s / total).scatter_add_(1, y, -s)
+    return losses
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, chunk_size, ignore_index, need_grad):
+        N, H = x.shape
+        V = weight.shape[0]
+        device, device_type = x.device, x.device.type
+        # Autograd runs Function.forward with autocast still on; cast explicitly instead, so that it is visible
+        # which dtype each product uses: the autocast dtype if autocast is on (as F.linear would), else x's.
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = torch.promote_types(x.dtype, weight.dtype)
+        # On CPU the per-row softmax passes run a few rows at a time so they stay in cache; a GPU wants them whole.
+        block = 8 if device_type == "cpu" else chunk_size
+        with torch.autocast(device_type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)
+            valid = labels != ignore_index
+            n_valid = valid.sum()
+            safe_labels = labels.masked_fill(~valid, 0)[:, None]  # [N, 1]; ignored rows get any valid index
+            # d(mean loss)/d(loss_i): 1 / n_valid on valid rows, 0 on ignored ones. (No valid row at all gives a
+            # 0/0 = nan loss, as F.cross_entropy does.)
+            row_scale = (valid.float() / n_valid.clamp(min=1))[:, None] if need_grad else None
+
+            C = min(chunk_size, N)
+            buffer = torch.empty(C, V, dtype=torch.float32, device=device)  # logits, then their gradient
+            low = torch.empty(C, V, dtype=dtype, device=device) if dtype != torch.float32 else None
+            losses = torch.empty(N, dtype=torch.float32, device=device)
+            grad_x = torch.empty(N, H, dtype=x.dtype, device=device) if need_grad else None
+            grad_w = None  # float32; the first chunk's product creates it (no zero-fill pass over [V, H])
+            for start in range(0, N, C):
+                rows = slice(start, min(start + C, N))
+                c = rows.stop - start
+                logits = buffer[:c]
+                if low is None:
+                    torch.mm(xc[rows], wc.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(xc[rows], wc.t(), out=low[:c]))
+                scale = row_scale[rows] if need_grad else None
+                losses[rows] = _softmax_rows_(logits, safe_labels[rows], scale, block)
+                if not need_grad:
+                    continue
+                grad = logits if low is None else low[:c].copy_(logits)  # dlogits [c, V]
+                grad_x[rows] = torch.mm(grad, wc).to(x.dtype)
+                if grad_w is None:
+                    grad_w = torch.mm(grad.t(), xc[rows]).float()
+                elif grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), xc[rows])
+                else:  # a low-precision product accumulated in float32
+                    grad_w.add_(torch.mm(grad.t(), xc[rows]))
+        loss = (losses * valid).sum() / n_valid
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        if grad_loss.item() != 1.0:  # loss.backward() gives exactly 1: skip a pass over dW [V, H]
+            grad_x, grad_w = grad_x * grad_loss, grad_w * grad_loss
+        return grad_x, grad_w, None, None, None, None

@@ -1,0 +1,15 @@
+"""Training: `train(TrainConfig.for_preset("tiny", data=..., out=...))`, on one process or many (torchrun).
+
+config.py       TrainConfig (every field an `ossgpt train` flag), per-preset defaults, the model to train
+data.py         random training windows and fixed validation windows from a prepared data folder
+optim.py        AdamW parameter groups and the warm-up + cosine learning-rate schedule
+trainer.py      the loop: accumulation, autocast, clipping, NaN skipping, evaluation, saving
+checkpoint.py   RUN_DIR/checkpoint: atomic saves of model, optimizer and trainer state; exact resume
+distributed.py  torchrun process groups, DDP / FSDP2 wrapping, per-block torch.compile
+logger.py       train.log, metrics.jsonl, loss.png, progress bar
+"""
+
+from ossgpt.training.config import TrainConfig
+from ossgpt.training.trainer import train
+
+__all__ = ["TrainConfig", "train"]

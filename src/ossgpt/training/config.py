@@ -1,0 +1,225 @@
+"""Training configuration: `TrainConfig`, per-preset defaults, and the model config a run trains.
+
+Every `TrainConfig` field is one `ossgpt train` flag (`max_steps` is `--max-steps`); its help text lives in the
+field's metadata, from which `ossgpt.cli.train` builds the parser. `TrainConfig.for_preset(name, **given)` takes
+every field the user did not give from the preset's defaults: `tiny` is sized for two CPU cores, the larger
+presets for one GPU or more.
+
+The model is the preset's, fitted to the prepared data (`model_config_for`): presets with a compact vocabulary
+(`tiny`) take the data's tokenizer and vocabulary; the others must be given data in their own tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from ossgpt.config import PRESETS, GPTOSSConfig, round_up
+from ossgpt.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTED = ("none", "ddp", "fsdp")
+VOCAB_MULTIPLE = 64  # embedding rows of a data-sized vocabulary are padded to this (friendlier matmul shapes)
+
+
+def _option(default, help: str, **metadata):  # noqa: A002 - argparse's name for it
+    """A dataclass field carrying its CLI help (and optionally argparse's metavar/required) in its metadata."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    # --- data and run folder ----------------------------------------------------------------------------------
+    data: str = _option("", "prepared data folder, as written by `ossgpt prepare --out DATA_DIR`", metavar="DATA_DIR",
+                        required=True)  # fmt: skip
+    out: str = _option("", "run folder for checkpoint/, metrics.jsonl, loss.png, train.log and train_config.json",
+                       metavar="RUN_DIR", required=True)  # fmt: skip
+    preset: str = _option("tiny", f"model preset: {', '.join(PRESETS)}", metavar="NAME")
+    model_override: list[str] = field(
+        default_factory=list,
+        metadata={"help": "change a model config field, e.g. hidden_size=128 (repeatable)", "metavar": "KEY=VALUE"},
+    )
+    resume: bool = _option(False, "continue the run in RUN_DIR from its checkpoint (same data order and losses)")
+    force: bool = _option(False, "start afresh in a RUN_DIR that already holds a run (its checkpoint is deleted)")
+
+    # --- length ---------------------------------------------------------------------------------------------------
+    max_steps: int = _option(5000, "optimizer steps; the learning-rate schedule spans them")
+    max_minutes: float | None = _option(
+        None, "stop early (evaluate and save) once this much wall-clock time is spent; the schedule still spans "
+        "--max-steps"
+    )  # fmt: skip
+
+    # --- batch -----------------------------------------------------------------------------------------------------
+    batch_size: int = _option(32, "sequences per micro-step, over all processes together")
+    seq_len: int = _option(1024, "tokens per sequence (at most the model's max_position_embeddings)")
+    grad_accum_steps: int = _option(1, "micro-steps per optimizer step (tokens per step: batch x seq_len x this)")
+
+    # --- optimizer (AdamW) and schedule (linear warm-up, cosine decay) --------------------------------------------
+    learning_rate: float = _option(6e-4, "peak learning rate, reached after the warm-up")
+    min_lr: float | None = _option(None, "learning rate at the end of the cosine decay (default: learning rate / 10)")
+    warmup_steps: int = _option(200, "steps of linear learning-rate warm-up")
+    weight_decay: float = _option(0.1, "AdamW weight decay of matrices (never of norms, biases or sinks)")
+    beta1: float = _option(0.9, "AdamW beta1")
+    beta2: float = _option(0.95, "AdamW beta2")
+    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
+
+    # --- numerics, speed, parallelism --------------------------------------------------------------------------------
+    dtype: str = _option(
+        "auto",
+        f"compute dtype under autocast ({', '.join(DTYPES)}; auto: bfloat16 on a CUDA GPU that supports it, else "
+        "float32); weights and optimizer state stay float32",
+        metavar="DTYPE",
+    )
+    compile: bool = _option(False, "torch.compile each transformer block (falls back to eager if compiling fails)")
+    gradient_checkpointing: bool = _option(False, "recompute block activations in the backward pass (less memory)")
+    device: str = _option("auto", f"where to train: {', '.join(DEVICES)} (auto: cuda if available)", metavar="DEVICE")
+    distributed: str = _option("none", f"data parallelism under torchrun: {', '.join(DISTRIBUTED)}", metavar="MODE")
+
+    # --- evaluation, checkpoints, logging ---------------------------------------------------------------------------
+    eval_every: int = _option(250, "evaluate on the validation split every this many steps (and at the end)")
+    eval_batches: int = _option(20, "validation batches per evaluation (the same windows every time)")
+    save_every: int = _option(500, "save RUN_DIR/checkpoint every this many steps (and at the end)")
+    log_every: int = _option(10, "write a metrics.jsonl row every this many steps")
+    seed: int = _option(1337, "seed of the model initialisation and of the data order")
+    max_nan_steps: int = _option(10, "stop with an error after this many consecutive steps with a NaN/inf loss")
+
+    # -------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def for_preset(cls, preset: str = "tiny", **given) -> TrainConfig:
+        """The config of a run of `preset`: `given` fields, the rest from the preset's defaults."""
+        if preset not in PRESETS:
+            raise UserError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        values = {**PRESET_DEFAULTS.get(preset, {}), **given, "preset": preset}
+        config = cls(**values)
+        if config.min_lr is None:
+            config.min_lr = config.learning_rate / 10
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise a UserError naming the flag of the first impossible value."""
+
+        def check(ok: bool, name: str, requirement: str) -> None:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be {requirement}, got {getattr(self, name)!r}")
+
+        check(bool(self.data), "data", "a folder path")
+        check(bool(self.out), "out", "a folder path")
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "save_every",
+                     "log_every", "max_nan_steps"):  # fmt: skip
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, "a positive integer")
+        check(self.seed >= 0, "seed", ">= 0")
+        check(self.seq_len >= 2, "seq_len", "at least 2 (one token and its successor)")
+        check(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "positive")
+        check(self.learning_rate > 0, "learning_rate", "positive")
+        check(self.min_lr is not None and 0 <= self.min_lr <= self.learning_rate, "min_lr", "in [0, --learning-rate]")
+        check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
+        check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", ">= 0")
+        check(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
+        check(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
+        check(self.distributed in DISTRIBUTED, "distributed", f"one of {', '.join(DISTRIBUTED)}")
+        if self.resume and self.force:
+            raise UserError("--resume continues the run in RUN_DIR and --force discards it; pass only one")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum_steps
+
+
+# What differs from the dataclass defaults (which suit `mini` and larger on GPUs), per preset.
+PRESET_DEFAULTS: dict[str, dict] = {
+    # ~1.7 s per step on 2 CPU cores (4,096 tokens): 300 steps is about 8 minutes; `--max-minutes` cuts it short.
+    "tiny": dict(
+        max_steps=300,
+        batch_size=16,
+        seq_len=256,
+        learning_rate=3e-3,
+        warmup_steps=50,
+        eval_every=50,
+        eval_batches=8,
+        save_every=100,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
+    """The preset's model config, fitted to the data described by `meta` (a data folder's meta.json), with
+    `config.model_override` applied. UserError if the data cannot train this model."""
+    model = GPTOSSConfig.from_preset(config.preset)
+    data_tokenizer, data_vocab = meta["tokenizer"], meta["vocab_size"]
+    if ":" in model.tokenizer:  # a compact, corpus-fitted vocabulary: the data decides which one
+        model = model.replace(
+            tokenizer=data_tokenizer,
+            vocab_size=round_up(data_vocab, VOCAB_MULTIPLE),
+            eos_token_id=meta["eot_token_id"],
+        )
+    elif data_tokenizer != model.tokenizer:
+        raise UserError(
+            f"{config.data} is tokenized with {data_tokenizer}, but preset {config.preset} expects "
+            f"{model.tokenizer}: re-run `ossgpt prepare --tokenizer {model.tokenizer}`, or choose another --preset"
+        )
+    overrides = parse_model_overrides(config.model_override)
+    try:
+        model = model.replace(**overrides)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"--model-override: {err}") from None
+    if data_vocab > model.vocab_size:
+        raise UserError(
+            f"{config.data} has a vocabulary of {data_vocab} tokens but the model only {model.vocab_size} "
+            f"embeddings: choose another --preset, or re-run `ossgpt prepare` with a smaller --tokenizer"
+        )
+    if config.seq_len > model.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {config.seq_len} exceeds the model's context of {model.max_position_embeddings} tokens; "
+            "lower --seq-len (or raise it with --model-override max_position_embeddings=N)"
+        )
+    return model
+
+
+def parse_model_overrides(items: list[str]) -> dict:
+    """["hidden_size=128", "rope_type=default"] -> {"hidden_size": 128, "rope_type": "default"}, each value parsed
+    to its GPTOSSConfig field's type (lists: comma-separated; optional fields: `none`)."""
+    hints = typing.get_type_hints(GPTOSSConfig)
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in hints:
+            raise UserError(
+                f"--model-override {item!r}: expected KEY=VALUE with KEY a model config field, e.g. hidden_size=128"
+            )
+        try:
+            overrides[key] = _parse_value(text.strip(), hints[key])
+        except ValueError:
+            raise UserError(f"--model-override {item!r}: {text!r} is not a valid {hints[key]}") from None
+    return overrides
+
+
+def _parse_value(text: str, hint):
+    options = typing.get_args(hint)
+    if type(None) in options:  # `X | None`
+        if text.lower() in ("none", "null"):
+            return None
+        (hint,) = (option for option in options if option is not type(None))
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    if typing.get_origin(hint) is list:
+        (item_type,) = typing.get_args(hint)
+        return [item_type(part.strip()) for part in text.split(",") if part.strip()]
+    return hint(text)

@@ -1,0 +1,57 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule.
+
+Weight decay pulls weights towards zero. That is a useful prior for the matrices (projections, experts,
+router, embeddings), but not for parameters that set a scale or an offset: RMSNorm gains (decaying them shrinks
+every activation), biases, and the attention sinks. Those are the 1-D parameters plus the experts' stacked
+biases, which are [E, out] matrices by shape but biases by role, hence the name test.
+
+The schedule is a pure function of the step, so resuming a run needs nothing but the step counter:
+linear warm-up to the peak over `warmup_steps`, then a cosine from the peak down to `min_lr` at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether a parameter gets weight decay: matrices and stacked expert matrices, not norms, biases, sinks."""
+    return param.ndim >= 2 and not name.endswith("bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and the rest with weight_decay 0 (each parameter once, even if tied)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for name, p in named if decays(name, p)], "weight_decay": weight_decay},
+        {"params": [p for name, p in named if not decays(name, p)], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters: the fused kernel on GPUs, torch's default implementation elsewhere."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=on_cuda or None)
+
+
+def lr_at(step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    step < warmup_steps:  learning_rate * (step + 1) / warmup_steps   (the first step already moves)
+    afterwards:           min_lr + (learning_rate - min_lr) * (1 + cos(pi * progress)) / 2,
+                          progress = (step - warmup_steps) / (max_steps - warmup_steps), clamped to [0, 1]
+    """
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,335 @@
+"""The training loop: `train(config)` runs one training job, in one process or in each of many (torchrun).
+
+One optimizer step:
+  for each of grad_accum_steps micro-steps: forward under autocast, backward of loss / grad_accum_steps
+  unscale (float16's loss scaling), clip the gradient norm (the logged norm is the one before clipping)
+  if the loss or the gradients are NaN/inf: skip the update, warn, and stop after max_nan_steps such steps in a row
+  else: AdamW step at this step's learning rate
+The loss that trains is the model's `.loss`: next-token cross-entropy (`lm_loss`) plus the weighted router
+losses (`aux_loss`). Both are logged, with each layer's load-balancing and z losses and its experts' load.
+
+Every eval_every steps: validation loss, perplexity and bits per byte; every save_every steps: RUN_DIR/checkpoint.
+At the end (max_steps done, or --max-minutes spent) a last evaluation and save. `--resume` continues from the
+checkpoint: the data order is a function of the step (see training.data), the learning rate too (training.optim),
+and the checkpoint holds the weights, the optimizer state and the RNG states, so a resumed run takes the very steps
+an uninterrupted one would.
+
+    RUN_DIR/
+      train_config.json                  the resolved TrainConfig, the number of processes and the model config
+      train.log, metrics.jsonl, loss.png  what the run did (see training.logger)
+      checkpoint/                        the latest checkpoint, a model directory too (see training.checkpoint)
+
+Only rank 0 writes. Every process checks the inputs, so that a bad one stops them all with the same error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ossgpt.checkpoint import from_pretrained, load_config
+from ossgpt.errors import UserError
+from ossgpt.model import CausalLMOutput, GPTOSSForCausalLM
+from ossgpt.tokenizer import TOKENIZER_FILE
+from ossgpt.training import distributed
+from ossgpt.training.checkpoint import (
+    check_compatible,
+    checkpoint_dir,
+    load_optimizer_state,
+    read_trainer_state,
+    recover,
+    save_checkpoint,
+    set_rng_state,
+)
+from ossgpt.training.config import TrainConfig, model_config_for
+from ossgpt.training.data import TrainBatches, open_split, read_meta, validation_batches
+from ossgpt.training.logger import RunLogger, environment_lines
+from ossgpt.training.optim import build_optimizer, lr_at, set_lr
+
+TRAIN_CONFIG_FILE = "train_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the job `config` describes; returns the last evaluation's metrics ({} if there was nothing to do)."""
+    ctx = distributed.setup(config.distributed, config.device)
+    try:
+        trainer = Trainer(config, ctx)
+        try:
+            return trainer.run()
+        finally:
+            trainer.logger.close()
+    finally:
+        distributed.teardown()
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """--dtype auto -> bfloat16 on a GPU that supports it, else float32; other names unchanged."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, ctx: distributed.DistContext):
+        config = dataclasses.replace(
+            config,
+            data=str(Path(config.data).resolve()),  # `ossgpt eval` finds the data from train_config.json
+            out=str(Path(config.out).resolve()),
+            dtype=resolve_dtype(config.dtype, ctx.device),
+            device=ctx.device.type,
+        )
+        self.config, self.ctx = config, ctx
+        self.run_dir = Path(config.out)
+        if config.dtype == "float16" and ctx.mode == "fsdp":
+            raise UserError(
+                "--dtype float16 needs loss scaling, which is not set up for --distributed fsdp; use bfloat16"
+            )
+
+        meta = read_meta(config.data)
+        self.model_config = model_config_for(config, meta)
+        self.bits_per_nat = meta["val_tokens"] / meta["val_bytes"] / math.log(2) if meta["val_bytes"] else None
+        self.train_batches = TrainBatches(
+            open_split(config.data, "train", config.seq_len), config.batch_size, config.seq_len, config.seed,
+            ctx.rank, ctx.world_size,
+        )  # fmt: skip
+        self.val_batches = validation_batches(
+            open_split(config.data, "val", config.seq_len), config.batch_size, config.seq_len, config.eval_batches,
+            ctx.rank, ctx.world_size,
+        )  # fmt: skip
+        state = self._resume_state()
+        model = self._build_model(resumed=state is not None)
+        n_params = model.num_parameters()
+
+        resume_step = None if state is None else state["step"]
+        self.logger = RunLogger(self.run_dir if ctx.is_main else None, config.max_steps, resume_step)
+        self.model = distributed.parallelize(model, ctx, config.compile, self.logger.info)
+        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay,
+                                         (config.beta1, config.beta2))  # fmt: skip
+        self.dtype = DTYPES[config.dtype]
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
+        self.step, self.tokens, self.best_val_loss, self.nan_streak = 0, 0, math.inf, 0
+        if state is not None:
+            self._restore(state)
+        self._start_records(n_params, resumed=state is not None)
+
+    # --- setting up -------------------------------------------------------------------------------------------
+    def _resume_state(self) -> dict | None:
+        """The trainer state to resume from (--resume), None for a new run; UserError if RUN_DIR disagrees."""
+        checkpoint = checkpoint_dir(self.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out {self.run_dir} is a file; pass a folder")
+        if self.ctx.is_main and self.run_dir.is_dir():
+            recover(self.run_dir)
+        self.ctx.barrier()
+        if self.config.resume:
+            if not checkpoint.is_dir():
+                raise UserError(f"--resume: {self.run_dir} holds no checkpoint to resume; drop --resume to start a run")
+            state = read_trainer_state(checkpoint)
+            check_compatible(load_config(checkpoint), self.model_config, checkpoint)
+            return state
+        if checkpoint.exists() and not self.config.force:
+            raise UserError(
+                f"{self.run_dir} already holds a run (checkpoint/): pass --resume to continue it, or --force to "
+                "start afresh (its checkpoint is deleted)"
+            )
+        return None
+
+    def _build_model(self, resumed: bool) -> GPTOSSForCausalLM:
+        device = self.ctx.device
+        if resumed:
+            model = from_pretrained(checkpoint_dir(self.run_dir), device=device)
+        else:
+            torch.manual_seed(self.config.seed)  # every process initialises the same weights
+            with torch.device(device):
+                model = GPTOSSForCausalLM(self.model_config)
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model.train()
+
+    def _restore(self, state: dict) -> None:
+        load_optimizer_state(checkpoint_dir(self.run_dir), self.model, self.optimizer)
+        if len(state["rng"]) == self.ctx.world_size:  # with another number of processes, keep the fresh seeds
+            set_rng_state(state["rng"][self.ctx.rank])
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
+
+    def _start_records(self, n_params: int, resumed: bool) -> None:
+        """train_config.json and the log header (rank 0); a forced new run first drops the old checkpoint."""
+        config, log = self.config, self.logger
+        if self.ctx.is_main:
+            if config.force:
+                shutil.rmtree(checkpoint_dir(self.run_dir), ignore_errors=True)
+            record = {**config.to_dict(), "world_size": self.ctx.world_size, "model": self.model_config.to_dict()}
+            (self.run_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for line in environment_lines():
+            log.info(line)
+        log.info(
+            f"{'resuming at step ' + str(self.step) if resumed else 'new run'} in {self.run_dir}: preset "
+            f"{config.preset}, {n_params:,} parameters, vocabulary {self.model_config.vocab_size} "
+            f"({self.model_config.tokenizer})"
+        )
+        log.info(
+            f"{self.ctx.world_size} process(es) ({config.distributed}) on {self.ctx.device.type}, {config.dtype}; "
+            f"{config.tokens_per_step:,} tokens per step ({config.batch_size} x {config.seq_len} x "
+            f"{config.grad_accum_steps}), {config.max_steps} steps"
+            + (f", at most {config.max_minutes:g} minutes" if config.max_minutes else "")
+        )
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        config = self.config
+        if self.step >= config.max_steps:
+            self.logger.info(f"already at step {self.step} of --max-steps {config.max_steps}: nothing to do")
+            return {}
+        start = time.monotonic()
+        deadline = start + 60 * config.max_minutes if config.max_minutes else None
+        interval_seconds, interval_tokens, last_eval = 0.0, 0, {}
+        while True:
+            began = time.perf_counter()
+            row, out_of_time = self.train_step(deadline)
+            interval_seconds += time.perf_counter() - began
+            interval_tokens += config.tokens_per_step
+            done = self.step >= config.max_steps or out_of_time
+            self.logger.advance(row["loss"], interval_tokens / interval_seconds)
+            if self.step % config.log_every == 0 or done:
+                row.update(tokens_per_sec=interval_tokens / interval_seconds, elapsed_s=time.monotonic() - start)
+                self.logger.log_step(row, config.max_steps)
+                interval_seconds, interval_tokens = 0.0, 0
+            if self.step % config.eval_every == 0 or done:
+                last_eval = self.evaluate()
+            if self.step % config.save_every == 0 or done:
+                self.save()
+            if done:
+                break
+        if out_of_time:
+            self.logger.info(f"--max-minutes {config.max_minutes:g} spent: stopped at step {self.step}")
+        return last_eval
+
+    def train_step(self, deadline: float | None) -> tuple[dict, bool]:
+        """One optimizer step -> (metrics row, whether the time budget is spent), the same on every process."""
+        config, ctx = self.config, self.ctx
+        lr = lr_at(self.step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
+        set_lr(self.optimizer, lr)
+        accum = config.grad_accum_steps
+        sums = None
+        for micro_step in range(accum):
+            input_ids = self.train_batches.batch(self.step, micro_step).to(ctx.device, non_blocking=True)
+            with distributed.gradient_sync(self.model, ctx, enabled=micro_step == accum - 1):
+                with self._autocast():
+                    out = self.model(input_ids, labels=input_ids, return_logits=False)
+                self.scaler.scale(out.loss / accum).backward()
+            stats = step_statistics(out)
+            sums = stats if sums is None else sums + stats
+
+        self.scaler.unscale_(self.optimizer)
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        # One collective for everything logged, and for the stop decision (any process out of time: all stop).
+        flag = torch.tensor([float(out_of_time)], device=sums.device)
+        totals = ctx.all_reduce_sum(torch.cat([sums, flag])).tolist()
+        row = self._metrics_row(totals[:-1], grad_norm.item(), lr)
+
+        # float16's scaler skips overflowing gradient steps itself (and lowers the scale): only a bad loss counts.
+        finite = math.isfinite(row["loss"]) and (self.scaler.is_enabled() or math.isfinite(row["grad_norm"]))
+        if finite:
+            self.nan_streak = 0
+            self.scaler.step(self.optimizer)
+        else:
+            self._skip_step(row)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += config.tokens_per_step
+        return {"step": self.step, "tokens": self.tokens, **row}, totals[-1] > 0
+
+    def _skip_step(self, row: dict) -> None:
+        self.nan_streak += 1
+        self.logger.info(
+            f"warning: step {self.step + 1}: loss {row['loss']}, gradient norm {row['grad_norm']}: not finite; "
+            f"update skipped ({self.nan_streak} in a row)"
+        )
+        if self.nan_streak >= self.config.max_nan_steps:
+            raise UserError(
+                f"the loss or gradients were NaN/inf for {self.nan_streak} steps in a row (up to step {self.step + 1});"
+                f" stopped. Lower --learning-rate, or use --dtype float32, and --resume from the last checkpoint"
+            )
+
+    def _metrics_row(self, totals: list[float], grad_norm: float, lr: float) -> dict:
+        """The all-reduced sums of `step_statistics` -> means over micro-steps and processes, load fractions."""
+        n = self.config.grad_accum_steps * self.ctx.world_size
+        L, E = self.model_config.num_hidden_layers, self.model_config.num_local_experts
+        loss, lm_loss, aux_loss = (value / n for value in totals[:3])
+        counts = torch.tensor(totals[3 + 2 * L :]).view(L, E)
+        return {
+            "loss": loss,
+            "lm_loss": lm_loss,
+            "aux_loss": aux_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "load_balancing_loss": [value / n for value in totals[3 : 3 + L]],
+            "z_loss": [value / n for value in totals[3 + L : 3 + 2 * L]],
+            "expert_load": (counts / counts.sum(dim=1, keepdim=True)).tolist(),
+        }
+
+    def _autocast(self):
+        return torch.autocast(self.ctx.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # --- evaluation and saving ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token loss over the fixed validation windows (all processes' rows), with perplexity and bits
+        per byte (loss in bits times the data's val tokens per byte)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.ctx.device)
+        for input_ids in self.val_batches:
+            input_ids = input_ids.to(self.ctx.device, non_blocking=True)
+            with self._autocast():
+                total += self.model(input_ids, labels=input_ids, return_logits=False).lm_loss.float()
+        self.model.train()
+        val_loss = self.ctx.all_reduce_sum(total).item() / (len(self.val_batches) * self.ctx.world_size)
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        row = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 700.0)),  # exp overflows past ~709
+            "val_bpb": val_loss * self.bits_per_nat if self.bits_per_nat else None,
+        }
+        self.logger.log_eval(row)
+        return row
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "train_config": self.config.to_dict(),
+        }
+        save_checkpoint(self.run_dir, self.model, self.optimizer, self.model_config, state,
+                        Path(self.config.data) / TOKENIZER_FILE, self.ctx)  # fmt: skip
+        self.logger.info(f"saved {checkpoint_dir(self.run_dir)} at step {self.step}")
+
+
+def step_statistics(out: CausalLMOutput) -> torch.Tensor:
+    """What one micro-step contributes to the logs, as one vector (so that one collective reduces it all):
+    [loss, lm_loss, aux_loss, load-balancing loss per layer (L), z loss per layer (L), expert counts (L x E)]."""
+    stats = out.router_stats
+    return torch.cat([
+        torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach().float(),
+        torch.stack([s.load_balancing_loss for s in stats]).detach().float(),
+        torch.stack([s.z_loss for s in stats]).detach().float(),
+        torch.stack([s.expert_counts for s in stats]).float().flatten(),
+    ])  # fmt: skip

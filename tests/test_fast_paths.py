@@ -1,0 +1,311 @@
+"""Every fast path against the slow, obviously correct one it replaces: forward values and gradients.
+
+  chunked linear cross-entropy      vs  F.linear + F.cross_entropy (and the model's two loss paths)
+  CPU flash attention + LSE sinks   vs  eager einsum attention
+  grouped_mm expert matmuls         vs  a loop over the experts' slices; sorted MoE vs the per-expert loop
+  int8 weight-only decoding         vs  float matmuls with the same (dequantized) weights
+and the benchmark script's smoke mode. Speed itself is measured by bench/run.py, never here.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
+from ossgpt.inference.decode_fast import (
+    Int8Experts,
+    Int8Linear,
+    int8_mm_available,
+    quantize_for_decoding,
+    quantize_int8,
+)
+from ossgpt.model.attention import allowed_keys, eager_attention, sdpa_attention
+from ossgpt.model.loss import linear_cross_entropy, reference_linear_cross_entropy
+from ossgpt.model.moe import (
+    Experts,
+    MoE,
+    grouped_linear,
+    grouped_mm_available,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+
+def small_config(**overrides):
+    values = dict(vocab_size=97, eos_token_id=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                  intermediate_size=24, sliding_window=6, max_position_embeddings=128, loss_chunk_size=7)  # fmt: skip
+    return GPTOSSConfig(**{**values, **overrides})
+
+
+def grads_of(fn, *tensors):
+    """Value of fn(*tensors) and the gradients of (value * a fixed random weight).sum() w.r.t. the tensors."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    (out * weight).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_cross_entropy_matches_reference(chunk):
+    torch.manual_seed(0)
+    N, H, V = 23, 16, 50
+    x, w = torch.randn(N, H), torch.randn(V, H) * 0.3
+    labels = torch.randint(0, V, (N,))
+    labels[[0, 4, 5]] = -100
+    ref, ref_grads = grads_of(lambda x, w: reference_linear_cross_entropy(x, w, labels), x, w)
+    out, grads = grads_of(lambda x, w: linear_cross_entropy(x, w, labels, chunk_size=chunk), x, w)
+    assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):  # includes an incoming gradient != 1 (the fixed random weight)
+        assert_close(a, b)
+
+
+def test_chunked_cross_entropy_without_grad_and_all_ignored():
+    x, w = torch.randn(6, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (6,))
+    with torch.no_grad():
+        assert_close(linear_cross_entropy(x, w, labels, 4), reference_linear_cross_entropy(x, w, labels))
+    ignored = torch.full((6,), -100)
+    assert linear_cross_entropy(x, w, ignored, 4).isnan()  # 0/0, as F.cross_entropy
+    assert reference_linear_cross_entropy(x, w, ignored).isnan()
+
+
+def test_chunked_cross_entropy_under_bf16_autocast():
+    torch.manual_seed(0)
+    x, w = torch.randn(20, 32), torch.randn(40, 32) * 0.2
+    labels = torch.randint(0, 40, (20,))
+    results = []
+    for fn in (reference_linear_cross_entropy, lambda *a: linear_cross_entropy(*a, chunk_size=8)):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(xg, wg, labels)
+        loss.backward()
+        assert loss.dtype == torch.float32 and xg.grad.dtype == wg.grad.dtype == torch.float32
+        results.append((loss.detach(), xg.grad, wg.grad))
+    for a, b in zip(*results):
+        assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_chunked_loss_equals_logits_loss(tied):
+    """forward(labels, return_logits=False) (chunked) == forward(labels) (full logits), values and gradients."""
+    config = small_config(tie_word_embeddings=tied)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    results = []
+    for return_logits in (True, False):
+        torch.manual_seed(0)
+        model = GPTOSSForCausalLM(config)
+        out = model(ids, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        out.loss.backward()
+        results.append((out.lm_loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_chunk_size_zero_uses_reference_path():
+    model = GPTOSSForCausalLM(small_config(loss_chunk_size=0))
+    ids = torch.randint(0, 97, (2, 9))
+    out = model(ids, labels=ids, return_logits=False)
+    assert out.logits is None
+    assert_close(out.lm_loss, model(ids, labels=ids).lm_loss)
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        small_config(loss_chunk_size=-1)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+ATTENTION_CASES = {
+    # name: (B, H, K, T, S, window, left padding per row)
+    "gqa-causal": (2, 4, 2, 9, 9, None, (0, 0)),
+    "mha-window": (2, 4, 4, 12, 12, 3, (0, 0)),
+    "gqa4-left-padded": (2, 8, 2, 10, 10, 4, (0, 3)),  # padded query rows see no key: output 0, as eager
+    "decode-step": (3, 4, 2, 1, 17, None, (0, 2, 5)),  # one query against a cache
+    "prefill-after-cache": (1, 2, 1, 4, 13, 6, (0,)),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_sdpa_attention_matches_eager(case):
+    B, H, K, T, S, window, pads = ATTENTION_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(B, H, T, 8, generator=g),
+        torch.randn(B, K, S, 8, generator=g),
+        torch.randn(B, K, S, 8, generator=g),
+    )
+    sinks = torch.randn(H, generator=g)
+    key_positions = torch.stack([torch.cat([torch.full((p,), -1), torch.arange(S - p)]) for p in pads])
+    query_positions = key_positions[:, S - T :]
+    visible = allowed_keys(query_positions, key_positions, window)
+    ref, ref_grads = grads_of(lambda *a: eager_attention(*a, visible, 0.35), q, k, v, sinks)
+    out, grads = grads_of(lambda *a: sdpa_attention(*a, visible, 0.35), q, k, v, sinks)
+    assert_close(out, ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_attention_under_bf16_autocast():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    positions = torch.arange(6)[None]
+    visible = allowed_keys(positions, positions, None)
+    sinks = torch.randn(4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q, k, v, sinks, visible, 0.35)
+    out.float().sum().backward()
+    assert_close(out.float(), eager_attention(q, k, v, sinks, visible, 0.35).detach(), rtol=3e-2, atol=3e-2)
+    assert sinks.grad is not None and sinks.grad.isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------- MoE
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2]])
+def test_grouped_mm_equals_loop(counts):
+    if not grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no grouped_mm on CPU")
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor(counts)
+    x, w, b = (
+        torch.randn(int(counts.sum()), 16, generator=g),
+        torch.randn(4, 16, 8, generator=g),
+        torch.randn(4, 8, generator=g),
+    )
+    ref, ref_grads = grads_of(lambda *a: grouped_linear(*a, counts, use_grouped_mm=False), x, w, b)
+    out, grads = grads_of(lambda *a: grouped_linear(*a, counts, use_grouped_mm=True), x, w, b)
+    assert_close(out, ref)
+    for a, b_ in zip(grads, ref_grads):
+        assert_close(a, b_)
+
+
+def test_grouped_mm_probe_leaves_the_random_stream_alone():
+    from ossgpt.model import moe
+
+    moe._GROUPED_MM_WORKS.clear()
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    grouped_mm_available(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_grouped_mm_probe_inside_a_checkpointed_block():
+    """The first MoE call probes grouped_mm; inside gradient checkpointing that must not record anything."""
+    from ossgpt.model import moe
+
+    moe._GROUPED_MM_WORKS.clear()
+    model = GPTOSSForCausalLM(small_config(gradient_checkpointing=True)).train()
+    ids = torch.randint(0, 97, (2, 8))
+    model(ids, labels=ids, return_logits=False).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("experts,top_k", [(32, 4), (5, 2)])
+def test_sorted_moe_equals_loop_many_experts(experts, top_k):
+    config = small_config(num_local_experts=experts, num_experts_per_tok=top_k)
+    results = {}
+    for impl in ("loop", "sorted"):
+        torch.manual_seed(0)
+        moe = MoE(config.replace(moe_implementation=impl))
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.normal_(0, 0.2)
+        x = torch.randn(4, 13, config.hidden_size, requires_grad=True)
+        y, stats = moe(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+        results[impl] = [y.detach(), x.grad] + [p.grad for p in moe.parameters()]
+    for a, b in zip(results["loop"], results["sorted"]):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_router_stats_are_lazy_and_right():
+    moe = MoE(small_config())
+    x = torch.randn(2, 5, 32)
+    _, stats = moe(x)
+    assert "load_balancing_loss" not in vars(stats) and "z_loss" not in vars(stats)  # nothing computed yet
+    logits, _, indices = moe.router(x.reshape(10, 32))
+    assert_close(stats.load_balancing_loss, load_balancing_loss(logits, indices))
+    assert_close(stats.z_loss, router_z_loss(logits))
+    assert stats.expert_counts.sum() == 10 * 2
+
+
+# ---------------------------------------------------------------------------------------------- int8 decoding
+def dequantized(q, scales):
+    return q.float() * scales.float()[:, None]
+
+
+def test_int8_quantization_roundtrip():
+    w = torch.randn(24, 40)
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((dequantized(q, scales) - w).abs() <= scales.float()[:, None] * 0.5 + 1e-6).all()
+
+
+def test_int8_linear_matches_float_matmul_of_same_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = Int8Linear(linear)
+    x = torch.randn(2, 3, 64)
+    expected = F.linear(x, dequantized(quantized.qweight, quantized.scales), linear.bias)
+    rtol = 2e-2 if int8_mm_available(x.device) else 1e-5  # the kernel takes bfloat16 activations
+    assert_close(quantized(x), expected, rtol=rtol, atol=rtol)
+
+
+def test_int8_experts_match_float_loop_of_same_weights():
+    torch.manual_seed(0)
+    config = small_config(hidden_size=64, intermediate_size=32)
+    experts = Experts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+    quantized = Int8Experts(experts, config)
+    reference = Experts(config.replace(moe_implementation="loop"))
+    with torch.no_grad():
+        gate_up = zip(quantized.gate_up_qweight, quantized.gate_up_scales)
+        reference.gate_up_proj.copy_(torch.stack([dequantized(q, s).T for q, s in gate_up]))
+        down = zip(quantized.down_qweight, quantized.down_scales)
+        reference.down_proj.copy_(torch.stack([dequantized(q, s).T for q, s in down]))
+        reference.gate_up_proj_bias.copy_(experts.gate_up_proj_bias)
+        reference.down_proj_bias.copy_(experts.down_proj_bias)
+        x = torch.randn(7, 64)
+        top, indices = torch.randn(7, 4).topk(2)
+        assert_close(
+            quantized(x, indices, top.softmax(-1)), reference(x, indices, top.softmax(-1)), rtol=3e-2, atol=3e-2
+        )
+
+
+def test_quantized_model_decodes_close_to_float():
+    # Every expert used by every token: no routing decision that rounding could flip.
+    config = small_config(num_local_experts=2, num_experts_per_tok=2, hidden_size=64, intermediate_size=64,
+                          head_dim=16, vocab_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPTOSSForCausalLM(config).eval()
+    quantized = quantize_for_decoding(model)
+    assert model.lm_head.weight.dtype == torch.float32  # the original is untouched
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        expected, got = model(ids).logits, quantized(ids).logits
+    assert ((got - expected).abs().max() / expected.abs().max()) < 5e-2
+    out = quantized.generate(ids[:1, :5], max_new_tokens=6)
+    assert out.shape == (1, 11)
+
+
+# ---------------------------------------------------------------------------------------------- bench smoke run
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "run.py"), "--quick", "--json", str(tmp_path / "b.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| training step" in result.stdout and (tmp_path / "b.json").exists()
