@@ -7,13 +7,17 @@ DATA ?= $(SHARED)/data/tinyshakespeare.txt $(addprefix $(SHARED)/data/novels/,pr
 HELDOUT ?= $(SHARED)/data/novels/sherlock.txt
 RUN ?= runs/demo
 MINUTES ?= 4
+export PIP_ROOT_USER_ACTION ?= ignore
 export TIKTOKEN_CACHE_DIR ?= $(if $(wildcard $(SHARED)/tokenizers/tiktoken_cache),$(SHARED)/tokenizers/tiktoken_cache)
 
 .PHONY: install demo test test-fast lint bench clean
 
-install:  ## torch first (the CPU wheel; an unpinned torch pulls gigabytes of CUDA), then the package + dev tools
+install:  ## torch first (the CPU wheel; an unpinned torch pulls gigabytes of CUDA), then this checkout + dev tools
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import ossgpt, transformers, pytest, ruff" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[dev]"
+	@$(PYTHON) -c "import tiktoken, safetensors, numpy, tqdm, matplotlib, pytest, hypothesis, transformers, ruff" 2>/dev/null \
+		|| $(PYTHON) -m pip install -q -e ".[dev]"
+	@# Point the `ossgpt` package at this checkout; offline too (no build isolation: setuptools is already here).
+	@$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 
 demo: install  ## prepare a small corpus, train the tiny preset for a few CPU minutes, evaluate, generate
 	$(PYTHON) -m ossgpt prepare $(DATA) --out $(RUN)/data --tokenizer cl100k_base:8192 --force

@@ -126,6 +126,7 @@ class Int8Experts(Experts):
 def quantize_for_decoding(model: nn.Module) -> nn.Module:
     """A copy of `model` (in eval mode) with int8 LM head, attention projections and experts; see the module doc."""
     quantized = copy.deepcopy(model).eval()
+    quantized.loss_workspace = {}  # training scratch, not needed for decoding
     for p in quantized.parameters():
         p.requires_grad_(False)
     quantized.lm_head = Int8Linear(quantized.lm_head)  # a new module: the embedding keeps its float weight

@@ -18,6 +18,8 @@ Two implementations of the same function, chosen by `config.attn_implementation`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,8 @@ def sdpa_attention(q, k, v, sinks, visible, scale):
         # The private kernel has no autocast rule (F.scaled_dot_product_attention has): pick the dtype by hand.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if k.shape[1] != H and not _cpu_flash_takes_gqa():  # older kernels: one key/value head per query head
+            k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // k.shape[1], dim=1)
         bias = torch.zeros(visible.shape, dtype=dtype, device=q.device).masked_fill(~visible, float("-inf"))
         if torch.is_grad_enabled():
             return _CPUFlashAttentionWithSinks.apply(q, k, v, sinks, bias, scale)
@@ -78,6 +82,22 @@ def sdpa_attention(q, k, v, sinks, visible, scale):
     sink_column = sinks.to(q.dtype).view(1, H, 1, 1).expand(rows, H, T, 1)
     bias = torch.cat([bias.expand(rows, H, T, -1), sink_column], dim=-1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+
+
+@functools.cache
+def _cpu_flash_takes_gqa() -> bool:
+    """Whether this torch's CPU flash kernel accepts fewer key/value heads than query heads (probed once)."""
+    q = torch.linspace(-1, 1, 4 * 3 * 8).view(1, 4, 3, 8)
+    kv = torch.linspace(1, -1, 2 * 3 * 8).view(1, 2, 3, 8)
+    try:
+        with torch.no_grad():
+            out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv)
+            expected, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, kv.repeat_interleave(2, dim=1), kv.repeat_interleave(2, dim=1)
+            )
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(out, expected, atol=1e-5))
 
 
 def _attention_with_sinks_lse(q, k, v, sinks, bias, scale):

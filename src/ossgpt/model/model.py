@@ -54,6 +54,7 @@ class GPTOSSForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = config.gradient_checkpointing
+        self.loss_workspace: dict = {}  # the chunked loss's logits buffer, reused across steps
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------------
@@ -149,8 +150,10 @@ class GPTOSSForCausalLM(nn.Module):
         if labels is not None and not return_logits and self.config.loss_chunk_size:
             # Position t predicts labels[t + 1] (HF's shift); -100 targets are ignored.
             hidden = x[:, :-1].reshape(-1, x.shape[-1])
+            targets = labels[:, 1:].reshape(-1)
+            chunk = self.config.loss_chunk_size
             out.lm_loss = linear_cross_entropy(
-                hidden, self.lm_head.weight, labels[:, 1:].reshape(-1), self.config.loss_chunk_size
+                hidden, self.lm_head.weight, targets, chunk, workspace=self.loss_workspace
             )
         else:
             if logits_to_keep:

@@ -158,12 +158,13 @@ def grouped_linear(
     over the experts' slices; True/False force one (tests compare the two).
     """
     dtype = _matmul_dtype(x, weight)
+    xd, wd = x.to(dtype), weight.to(dtype)  # grouped_mm has no autocast rule: cast by hand (no-ops without autocast)
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_available(x.device, dtype) and _aligned(x, weight)
+        use_grouped_mm = grouped_mm_available(x.device, dtype) and _aligned(xd, wd)
     if use_grouped_mm:
         offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each group
-        with torch.autocast(x.device.type, enabled=False):  # grouped_mm has no autocast rule: cast by hand
-            out = _GROUPED_MM(x.to(dtype), weight.to(dtype), offs=offsets)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _GROUPED_MM(xd, wd, offs=offsets)
         # One bias row per expert, repeated over its rows; output_size avoids a device->host sync.
         return out + bias.to(out.dtype).repeat_interleave(counts, dim=0, output_size=x.shape[0])
     splits = counts.tolist()
