@@ -74,6 +74,7 @@ def test_stop_string_spanning_tokens(model):
     ids = torch.tensor([prompt])
     streamed = [int(t) for t in stream(model, ids, 20, stop_strings=[stop], tokenizer=tokenizer)]
     assert streamed == free[:end]
+    assert [int(t) for t in model.stream(ids, max_new_tokens=20, stop_strings=[stop], tokenizer=tokenizer)] == streamed
     with pytest.raises(ValueError, match="need a tokenizer"):
         list(stream(model, ids, 5, stop_strings=["x"]))
 

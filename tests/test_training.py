@@ -104,6 +104,11 @@ def test_lr_schedule_closed_form():
     assert lr_at(110, lr, min_lr, warmup, total) == pytest.approx(0.1)
     assert lr_at(500, lr, min_lr, warmup, total) == pytest.approx(0.1)  # past the end: stays at min_lr
     assert lr_at(0, lr, min_lr, 0, total) == pytest.approx(1.0)  # no warm-up
+    # A time budget: the decay follows whichever of steps and time is further along.
+    assert lr_at(20, lr, min_lr, warmup, total, time_progress=0.5) == pytest.approx(0.55)
+    assert lr_at(60, lr, min_lr, warmup, total, time_progress=0.1) == pytest.approx(0.55)
+    assert lr_at(20, lr, min_lr, warmup, total, time_progress=1.7) == pytest.approx(0.1)
+    assert lr_at(5, lr, min_lr, warmup, total, time_progress=0.9) == pytest.approx(0.6)  # the warm-up is in steps
 
 
 def test_weight_decay_only_on_matrices():
@@ -236,6 +241,21 @@ def test_max_minutes_stops_early_with_an_evaluation_and_a_save(tmp_path, data):
     assert state["step"] == steps[-1]["step"] == evals[-1]["step"] < 1000
     assert steps[-1]["lr"] == pytest.approx(lr_at(state["step"] - 1, 3e-3, 3e-4, 50, 1000))  # still over 1000 steps
     assert "--max-minutes 0.0001 spent" in (run / "train.log").read_text()
+
+
+def test_max_minutes_decays_the_learning_rate_within_the_budget(tmp_path, data):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(run), *TINY, "--max-steps", "100000", "--max-minutes", "0.03",
+            "--warmup-steps", "0", "--log-every", "1", "--eval-every", "100000"]  # fmt: skip
+    assert main(argv) == 0
+    steps, _ = read_metrics(run)
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    lrs = [row["lr"] for row in steps]
+    assert len(lrs) >= 3 and lrs[0] == pytest.approx(3e-3)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # Far further down than 100,000 steps would put it, and the run's clock is saved for --resume.
+    assert lrs[-1] < lr_at(len(lrs) * 100, 3e-3, 3e-4, 0, 100000) - 1e-4
+    assert 1.8 <= state["seconds"] < 60 and state["warmup_end_seconds"] == 0.0
 
 
 def test_gradient_checkpointing_takes_the_same_steps(tmp_path, data):

@@ -1,6 +1,6 @@
 """ossgpt: GPT-OSS from scratch — a readable, exact and fast PyTorch implementation.
 
-    from ossgpt import GPTOSSConfig, GPTOSSConfigMini, GPTOSSForCausalLM, HarmonyTokenizer
+The public names: GPTOSSConfig, GPTOSSConfigMini, GPTOSSForCausalLM, CausalLMOutput and HarmonyTokenizer.
 """
 
 from ossgpt.config import GPTOSSConfig, GPTOSSConfigMini

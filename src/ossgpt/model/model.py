@@ -181,6 +181,12 @@ class GPTOSSForCausalLM(nn.Module):
 
         return generate(self, input_ids, **kwargs)
 
+    def stream(self, input_ids, **kwargs):
+        """An iterator over the new tokens, one [B] tensor per step; see ossgpt.inference.generate.stream."""
+        from ossgpt.inference.generate import stream
+
+        return stream(self, input_ids, **kwargs)
+
     def save_pretrained(self, directory, **kwargs) -> None:
         """Write `model.safetensors` + `config.json`; see ossgpt.checkpoint.save_pretrained."""
         from ossgpt.checkpoint import save_pretrained

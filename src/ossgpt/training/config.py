@@ -47,8 +47,8 @@ class TrainConfig:
     # --- length ---------------------------------------------------------------------------------------------------
     max_steps: int = _option(5000, "optimizer steps; the learning-rate schedule spans them")
     max_minutes: float | None = _option(
-        None, "stop early (evaluate and save) once this much wall-clock time is spent; the schedule still spans "
-        "--max-steps"
+        None, "wall-clock budget of the run (counted across --resume): stop, evaluate and save once it is spent; "
+        "the learning-rate decay follows whichever of steps and budget is further along"
     )  # fmt: skip
 
     # --- batch -----------------------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@ router, embeddings), but not for parameters that set a scale or an offset: RMSNo
 every activation), biases, and the attention sinks. Those are the 1-D parameters plus the experts' stacked
 biases, which are [E, out] matrices by shape but biases by role, hence the name test.
 
-The schedule is a pure function of the step, so resuming a run needs nothing but the step counter:
-linear warm-up to the peak over `warmup_steps`, then a cosine from the peak down to `min_lr` at `max_steps`.
+The schedule: linear warm-up to the peak over `warmup_steps`, then a cosine from the peak down to `min_lr`
+at `max_steps`. A run with a wall-clock budget (`--max-minutes`) usually stops long before `max_steps` on a
+slow machine, and a cosine cut off half-way leaves the learning rate high, which costs a lot of loss; so the
+decay follows whichever is further along, the steps or the budget (`time_progress`). Without a budget the
+schedule is a pure function of the step.
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=on_cuda or None)
 
 
-def lr_at(step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+def lr_at(
+    step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int, time_progress: float = 0.0
+) -> float:
     """Learning rate of optimizer step `step` (0-based).
 
     step < warmup_steps:  learning_rate * (step + 1) / warmup_steps   (the first step already moves)
     afterwards:           min_lr + (learning_rate - min_lr) * (1 + cos(pi * progress)) / 2,
-                          progress = (step - warmup_steps) / (max_steps - warmup_steps), clamped to [0, 1]
+                          progress = max((step - warmup_steps) / (max_steps - warmup_steps), time_progress),
+                          clamped to [0, 1]
+    time_progress: the share of the time budget left after the warm-up that is spent (0: no budget).
     """
     if step < warmup_steps:
         return learning_rate * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = min(1.0, max(time_progress, (step - warmup_steps) / max(1, max_steps - warmup_steps)))
     return min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -115,6 +115,9 @@ class Trainer:
         self.dtype = DTYPES[config.dtype]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.best_val_loss, self.nan_streak = 0, 0, math.inf, 0
+        # Wall-clock seconds of training over the whole run (resumed runs continue the --max-minutes budget), and
+        # when the warm-up ended: the learning-rate decay follows the budget from there (see optim.lr_at).
+        self.seconds, self.warmup_end_seconds = 0.0, None
         if state is not None:
             self._restore(state)
         self._start_records(n_params, resumed=state is not None)
@@ -160,6 +163,7 @@ class Trainer:
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.tokens = state["step"], state["tokens"]
+        self.seconds, self.warmup_end_seconds = state["seconds"], state["warmup_end_seconds"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
 
     def _start_records(self, n_params: int, resumed: bool) -> None:
@@ -190,18 +194,17 @@ class Trainer:
         if self.step >= config.max_steps:
             self.logger.info(f"already at step {self.step} of --max-steps {config.max_steps}: nothing to do")
             return {}
-        start = time.monotonic()
-        deadline = start + 60 * config.max_minutes if config.max_minutes else None
+        self.started = time.monotonic() - self.seconds
         interval_seconds, interval_tokens, last_eval = 0.0, 0, {}
         while True:
             began = time.perf_counter()
-            row, out_of_time = self.train_step(deadline)
+            row, out_of_time = self.train_step()
             interval_seconds += time.perf_counter() - began
             interval_tokens += config.tokens_per_step
             done = self.step >= config.max_steps or out_of_time
             self.logger.advance(row["loss"], interval_tokens / interval_seconds)
             if self.step % config.log_every == 0 or done:
-                row.update(tokens_per_sec=interval_tokens / interval_seconds, elapsed_s=time.monotonic() - start)
+                row.update(tokens_per_sec=interval_tokens / interval_seconds, elapsed_s=self.seconds)
                 self.logger.log_step(row, config.max_steps)
                 interval_seconds, interval_tokens = 0.0, 0
             if self.step % config.eval_every == 0 or done:
@@ -214,10 +217,13 @@ class Trainer:
             self.logger.info(f"--max-minutes {config.max_minutes:g} spent: stopped at step {self.step}")
         return last_eval
 
-    def train_step(self, deadline: float | None) -> tuple[dict, bool]:
+    def train_step(self) -> tuple[dict, bool]:
         """One optimizer step -> (metrics row, whether the time budget is spent), the same on every process."""
         config, ctx = self.config, self.ctx
-        lr = lr_at(self.step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
+        if self.warmup_end_seconds is None and self.step >= config.warmup_steps:
+            self.warmup_end_seconds = self.seconds
+        lr = lr_at(self.step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps,
+                   self.time_progress())  # fmt: skip
         set_lr(self.optimizer, lr)
         accum = config.grad_accum_steps
         sums = None
@@ -235,10 +241,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        out_of_time = deadline is not None and time.monotonic() >= deadline
-        # One collective for everything logged, and for the stop decision (any process out of time: all stop).
-        flag = torch.tensor([float(out_of_time)], device=sums.device)
-        totals = ctx.all_reduce_sum(torch.cat([sums, flag])).tolist()
+        # One collective for everything logged and for the clock: the processes' mean elapsed time, so that all of
+        # them agree on the learning rate and on when the budget is spent.
+        elapsed = torch.tensor([time.monotonic() - self.started], device=sums.device)
+        totals = ctx.all_reduce_sum(torch.cat([sums, elapsed])).tolist()
+        self.seconds = totals[-1] / ctx.world_size
         row = self._metrics_row(totals[:-1], grad_norm.item(), lr)
 
         # float16's scaler skips overflowing gradient steps itself (and lowers the scale): only a bad loss counts.
@@ -252,7 +259,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += config.tokens_per_step
-        return {"step": self.step, "tokens": self.tokens, **row}, totals[-1] > 0
+        out_of_time = config.max_minutes is not None and self.seconds >= 60 * config.max_minutes
+        return {"step": self.step, "tokens": self.tokens, **row}, out_of_time
+
+    def time_progress(self) -> float:
+        """The share of the --max-minutes budget left after the warm-up that is spent (0 without a budget)."""
+        if self.config.max_minutes is None or self.warmup_end_seconds is None:
+            return 0.0
+        after_warmup = 60 * self.config.max_minutes - self.warmup_end_seconds
+        return (self.seconds - self.warmup_end_seconds) / after_warmup if after_warmup > 0 else 1.0
 
     def _skip_step(self, row: dict) -> None:
         self.nan_streak += 1
@@ -314,6 +329,8 @@ class Trainer:
         state = {
             "step": self.step,
             "tokens": self.tokens,
+            "seconds": self.seconds,
+            "warmup_end_seconds": self.warmup_end_seconds,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "train_config": self.config.to_dict(),
