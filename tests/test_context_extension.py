@@ -43,6 +43,17 @@ def test_eval_runs_past_the_trained_context(run_dir, tmp_path, capsys):
         assert report["seq_len"] == 200 and len(report["loss_by_position"]) == 200
 
 
+def test_default_windows_follow_the_training_length(run_dir, tmp_path, capsys):
+    text = tmp_path / "long.txt"
+    text.write_text("a fairly long held-out text " * 20)
+    for extra, expected in (([], 32), (["--context-extension", "4"], 128)):
+        assert main(["eval", "--checkpoint", str(run_dir), str(text), "--json", "--no-baselines", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["seq_len"] == expected
+    (run_dir / "train_config.json").unlink()  # a bare model directory: its context (64)
+    assert main(["eval", "--checkpoint", str(run_dir), str(text), "--json", "--no-baselines"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 64
+
+
 def test_bad_extension_arguments(run_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("some text")

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"window length in tokens (default: the model's context, at most {DEFAULT_MAX_SEQ_LEN})",
+        help="window length in tokens (default: the length the run trained on, times F with --context-extension "
+        f"F; for a bare model directory its context, at most {DEFAULT_MAX_SEQ_LEN})",
     )
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     parser.add_argument(
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = context_extension(checkpoint, args.context_extension, args.no_yarn)
     model, tokenizer = load_model_and_tokenizer(checkpoint, device=args.device, **overrides)
     text = tokenize_documents(tokenizer, documents)
-    result = evaluate_tokens(model, text, args.seq_len, args.batch_size, progress=sys.stderr.isatty())
+    seq_len = args.seq_len or default_seq_len(checkpoint, args.context_extension)
+    result = evaluate_tokens(model, text, seq_len, args.batch_size, progress=sys.stderr.isatty())
     baselines = None
     if not args.no_baselines:
         baselines = compression_bits_per_byte("".join(documents).encode("utf-8"))
@@ -116,11 +118,23 @@ def context_extension(checkpoint: Path, factor: float | None, no_yarn: bool) -> 
     if config.rope_type == "yarn" and config.rope_factor > 1:
         raise UserError(f"this model was trained with YaRN factor {config.rope_factor}; extend models trained with "
                         "plain RoPE")  # fmt: skip
-    trained = read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("seq_len") or config.max_position_embeddings
+    trained = trained_seq_len(checkpoint) or config.max_position_embeddings
     overrides = {"max_position_embeddings": max(config.max_position_embeddings, int(factor * trained))}
     if not no_yarn and factor > 1:
         overrides.update(rope_type="yarn", rope_factor=factor, rope_original_max_position_embeddings=int(trained))
     return overrides
+
+
+def trained_seq_len(checkpoint: Path) -> int | None:
+    """The sequence length a training run's checkpoint was trained on (None for a bare model directory)."""
+    return read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("seq_len")
+
+
+def default_seq_len(checkpoint: Path, factor: float | None) -> int | None:
+    """Windows as long as the training sequences (a model is not expected to know positions it never saw),
+    `factor` times longer with --context-extension; None (the model's context) when the length is unknown."""
+    trained = trained_seq_len(checkpoint)
+    return int((factor or 1) * trained) if trained else None
 
 
 def read_document(path: Path) -> str:
