@@ -22,7 +22,7 @@ install:  ## torch first (the CPU wheel; an unpinned torch pulls gigabytes of CU
 demo: install  ## prepare a small corpus, train the tiny preset for a few CPU minutes, evaluate, generate
 	$(PYTHON) -m ossgpt prepare $(DATA) --out $(RUN)/data --tokenizer cl100k_base:8192 --force
 	$(PYTHON) -m ossgpt train --data $(RUN)/data --out $(RUN) --preset tiny --max-minutes $(MINUTES) --force
-	$(PYTHON) -m ossgpt eval --checkpoint $(RUN) $(HELDOUT) --train-data $(RUN)/data
+	$(PYTHON) -m ossgpt eval --checkpoint $(RUN) $(HELDOUT) --train-data $(RUN)/data --plot $(RUN)/plots
 	$(PYTHON) -m ossgpt generate --checkpoint $(RUN) --prompt "It was a dark and stormy night" --max-new-tokens 80 --seed 0
 
 test: install  ## the whole suite, CPU only (a few minutes)

@@ -139,6 +139,11 @@ def train_flops_per_token(config: GPTOSSConfig, seq_len: int) -> float:
     return 3 * (dense + attention)
 
 
+def floor_config(config: GPTOSSConfig) -> GPTOSSConfig:
+    """`config` with the same layers, heads and experts but tiny matrices (hidden 64, vocabulary 512)."""
+    return config.replace(hidden_size=64, intermediate_size=64, head_dim=16, vocab_size=512, eos_token_id=0)
+
+
 def decode_bytes_per_step(config: GPTOSSConfig, batch: int, context: int, weights: str) -> float:
     """Bytes one decoding step must read: every weight it uses once (the experts that any row of the batch routes
     to, expected under uniform routing), biases, and the KV cache (float32)."""
@@ -359,9 +364,13 @@ def run(args) -> list[Row]:
         prompt, batch, mask = decode_inputs(config, shapes)
         n = shapes.new_tokens
         ones = torch.ones_like(prompt)
+        # The same layers with almost no weights: what a decoding step costs beyond moving weights (op dispatch).
+        floor = quantize_for_decoding(GPTOSSForCausalLM(floor_config(config)).eval())
+        floor_prompt = prompt % floor.config.vocab_size
         work += [
             ("decode.ours_fp32", lambda: n / timed(lambda: d_ours.generate(prompt, max_new_tokens=n))),
             ("decode.ours_int8", lambda: n / timed(lambda: d_int8.generate(prompt, max_new_tokens=n))),
+            ("decode.floor_int8", lambda: n / timed(lambda: floor.generate(floor_prompt, max_new_tokens=n))),
             ("decode.hf", lambda: n / timed(lambda: hf_generate(d_hf, prompt, ones, n))),
             ("decode_batch.ours_int8",
              lambda: batch.shape[0] * n / timed(lambda: d_int8.generate(batch, attention_mask=mask, max_new_tokens=n))),
@@ -421,6 +430,9 @@ def run(args) -> list[Row]:
             Row("decode.int8", f"{what}, batch 1, int8 weights (ossgpt) vs HF float32", "tokens/s",
                 med["decode.ours_int8"], med["decode.hf"], goal=">= 2x HF, >= 80% of bound", goal_ratio=2.0,
                 goal_bound=0.8, bound=bandwidth / decode_bytes_per_step(config, 1, context, "int8")),
+            Row("decode.floor", f"{what}, batch 1, int8, the same layers at hidden 64 and vocabulary 512 (the "
+                "per-token cost of running the ops, not of moving weights)", "tokens/s", med["decode.floor_int8"],
+                goal="(bound)"),
             Row("decode_batch.int8", f"{what}, batch {B} (left-padded), int8 vs ossgpt int8 batch 1", "tokens/s",
                 med["decode_batch.ours_int8"], med["decode.ours_int8"], reference_name="ossgpt batch 1",
                 goal=">= 5x batch 1", goal_ratio=5.0,

@@ -1,0 +1,52 @@
+"""Smoke runs of the experiment scripts in bench/ (recipe, long context): they run end to end on tiny inputs.
+Their real runs are the documented commands in docs/recipe.md; nothing here measures anything."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ossgpt.cli import main
+from test_training import TINY, make_data
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def heldout(tmp_path):
+    path = tmp_path / "heldout.txt"
+    path.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 8)
+    return path
+
+
+def run_script(name: str, *args) -> str:
+    result = subprocess.run([sys.executable, str(BENCH / name), *map(str, args)], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_long_context_script(tmp_path, heldout):
+    run, data = tmp_path / "run", make_data(tmp_path / "data")
+    assert main(["train", "--data", str(data), "--out", str(run), *TINY, "--max-steps", "2"]) == 0
+    out = run_script("long_context.py", "--checkpoint", run, "--heldout", heldout, "--factors", "2",
+                     "--plot", tmp_path / "lc.png")  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| trained length (32)", "| 2x, YaRN", "| 2x, plain RoPE"]
+    assert [row.split(" | ")[1] for row in rows] == ["32", "64", "64"]  # window lengths
+    assert (tmp_path / "lc.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_recipe_script(tmp_path, heldout):
+    data = make_data(tmp_path / "data", train_tokens=40_000)
+    runs = tmp_path / "runs"
+    out = run_script("recipe.py", "baseline", "--data", data, "--heldout", heldout, "--minutes", "0.01",
+                     "--runs", runs)  # fmt: skip
+    row = json.loads((runs / "results.jsonl").read_text())
+    assert row["variant"] == "baseline" and row["steps"] >= 1 and row["tokens_seen"] == row["steps"] * 16 * 256
+    assert 0 < row["heldout_bpb"] < 20 and 0 <= row["expert_load_cv"]
+    assert "| baseline | `(defaults)` |" in out
