@@ -198,7 +198,7 @@ def test_every_config_field_is_a_documented_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
-    assert "(default: 5000; tiny: 300)" in text
+    assert "(default: 5000; tiny: 450)" in text
 
 
 # --- a run ------------------------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ PRESETS: dict[str, dict] = {
     # and training sets vocab_size/eos_token_id from the prepared data.
     "tiny": dict(
         tokenizer="cl100k_base:8192",
-        vocab_size=8_448,
+        vocab_size=8_512,  # 8,192 tokens + 256 bytes + <|endoftext|>, padded to a multiple of 64 (as training does)
         eos_token_id=256,
         hidden_size=256,
         num_hidden_layers=4,

@@ -141,9 +141,10 @@ class TrainConfig:
 
 # What differs from the dataclass defaults (which suit `mini` and larger on GPUs), per preset.
 PRESET_DEFAULTS: dict[str, dict] = {
-    # ~1.7 s per step on 2 CPU cores (4,096 tokens): 300 steps is about 8 minutes; `--max-minutes` cuts it short.
+    # Chosen by the runs in docs/recipe.md. ~1.1 s per step on 2 CPU cores (4,096 tokens): 450 steps is about
+    # 8 minutes; with `--max-minutes` the run and its learning-rate decay end with the budget if that comes first.
     "tiny": dict(
-        max_steps=300,
+        max_steps=450,
         batch_size=16,
         seq_len=256,
         learning_rate=3e-3,
