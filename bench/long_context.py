@@ -6,7 +6,7 @@
 For each factor F the held-out text is scored in windows of F x the training length twice: with YaRN set for
 the longer context (`ossgpt eval --context-extension F`) and with plain RoPE (`--no-yarn`, the control). Prints
 one markdown row per run (overall loss, bits per byte, mean loss inside and past the training length) and plots
-the loss by position, smoothed, with the training length marked.
+the loss by position (means over log-spaced bins) with the training length marked.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ossgpt.cli.eval import context_extension, read_document, trained_seq_len
 from ossgpt.eval.metrics import evaluate_tokens, tokenize_documents
 from ossgpt.inference.loading import load_model_and_tokenizer, resolve_checkpoint
 
-SMOOTH = 16  # positions per plotted point (a moving mean: single positions are noisy)
+BINS = 32  # log-spaced position bins per plot line (single positions are noisy: few windows at 8x)
 
 
 def score(checkpoint: Path, documents: list[str], factor: float | None, no_yarn: bool, trained: int):
@@ -68,12 +68,12 @@ def main() -> None:
         ax = fig.add_subplot()
         for name, result in runs.items():
             loss = np.asarray(result.loss_by_position)
-            n = len(loss) // SMOOTH * SMOOTH
-            means = loss[:n].reshape(-1, SMOOTH).mean(axis=1)
-            ax.plot(np.arange(len(means)) * SMOOTH + SMOOTH / 2, means, lw=1.2, label=name)
+            edges = np.unique(np.geomspace(1, len(loss) + 1, BINS).astype(int)) - 1  # position bins, log-spaced
+            means = [np.nanmean(loss[a:b]) for a, b in zip(edges, edges[1:])]
+            ax.plot((edges[:-1] + edges[1:]) / 2, means, lw=1.2, marker=".", label=name)
         ax.axvline(trained, color="gray", ls="--", lw=1)
         ax.text(trained, ax.get_ylim()[1], " training length", va="top", color="gray", fontsize=8)
-        ax.set_xlabel(f"position in the window (tokens; mean over {SMOOTH} positions)")
+        ax.set_xlabel("position in the window (tokens; mean over log-spaced bins)")
         ax.set_ylabel("loss (nats / token)")
         ax.set_title("held-out loss by position: YaRN vs plain RoPE past the training length")
         ax.set_xscale("log", base=2)
