@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
               "--model-override", "num_key_value_heads=3"],
     "layers-6": ["--model-override", "num_hidden_layers=6"],
     "experts-8": ["--model-override", "num_local_experts=8"],
+    "top-1": ["--model-override", "num_experts_per_tok=1"],
     "no-balance": ["--model-override", "router_aux_loss_coef=0"],
 }  # fmt: skip
 
