@@ -12,6 +12,7 @@ the loss by position (means over log-spaced bins) with the training length marke
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ossgpt.cli.eval import context_extension, read_document, trained_seq_len
+from ossgpt.errors import UserError
 from ossgpt.eval.metrics import evaluate_tokens, tokenize_documents
 from ossgpt.inference.loading import load_model_and_tokenizer, resolve_checkpoint
 
@@ -40,6 +42,14 @@ def summary(name: str, result, trained: int) -> str:
 
 
 def main() -> None:
+    try:
+        run()
+    except UserError as error:  # missing files, impossible factors, ...: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training run directory (its train_config.json "
                         "gives the training length)")  # fmt: skip
@@ -50,7 +60,7 @@ def main() -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
     trained = trained_seq_len(checkpoint)
     if trained is None:
-        raise SystemExit(f"{args.checkpoint} is not a training run directory (no train_config.json)")
+        raise UserError(f"{args.checkpoint} is not a training run (no train_config.json); pass a run's folder")
     documents = [read_document(Path(p)) for p in args.heldout]
 
     runs = {f"trained length ({trained})": score(checkpoint, documents, None, False, trained)}

@@ -41,7 +41,7 @@ VARIANTS: dict[str, list[str]] = {
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     label = f"{name} ({args.tag})" if args.tag else name
-    out = Path(args.runs) / label.replace(" ", "_").replace("(", "").replace(")", "")
+    out = Path(args.runs) / (f"{name}_{args.tag}" if args.tag else name)
     train = [sys.executable, "-m", "ossgpt", "train", "--data", args.data, "--out", str(out), "--preset", "tiny",
              "--max-minutes", str(args.minutes), "--max-steps", "1000000", "--force", *VARIANTS[name]]  # fmt: skip
     subprocess.run(train, check=True, stdout=subprocess.DEVNULL)
@@ -87,7 +87,11 @@ def main() -> None:
     results = Path(args.runs) / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
-        row = run_variant(name, args)
+        try:
+            row = run_variant(name, args)
+        except subprocess.CalledProcessError as failed:  # its own one-line error is on stderr already
+            command = " ".join(failed.cmd[2:4])
+            raise SystemExit(f"error: variant {name}: `{command} ...` exited with {failed.returncode}") from None
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name}: {row['heldout_bpb']:.3f} bits/byte", flush=True)
