@@ -7,6 +7,14 @@ For each factor F the held-out text is scored in windows of F x the training len
 the longer context (`ossgpt eval --context-extension F`) and with plain RoPE (`--no-yarn`, the control). Prints
 one markdown row per run (overall loss, bits per byte, mean loss inside and past the training length) and plots
 the loss by position (means over log-spaced bins) with the training length marked.
+
+`--finetuned NAME=RUN ...` adds runs fine-tuned from the checkpoint at a longer length (`ossgpt train
+--init-from CHECKPOINT --seq-len L [--context-extension F]`), each scored on windows of the length it was tuned on:
+
+    ossgpt train --data DATA --out runs/long-yarn --init-from runs/tiny --context-extension 4 --seq-len 1024 \
+        --batch-size 4 --max-minutes 2
+    python bench/long_context.py --checkpoint runs/tiny --heldout ... --factors 4 \
+        --finetuned "4x, YaRN, fine-tuned=runs/long-yarn" "4x, plain RoPE, fine-tuned=runs/long-plain"
 """
 
 from __future__ import annotations
@@ -19,10 +27,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ossgpt.cli.eval import context_extension, read_document, trained_seq_len
+from ossgpt.cli.eval import read_document
 from ossgpt.errors import UserError
 from ossgpt.eval.metrics import evaluate_tokens, tokenize_documents
-from ossgpt.inference.loading import load_model_and_tokenizer, resolve_checkpoint
+from ossgpt.inference.loading import context_extension, load_model_and_tokenizer, resolve_checkpoint, trained_seq_len
 
 BINS = 32  # log-spaced position bins per plot line (single positions are noisy: few windows at 8x)
 
@@ -55,8 +63,18 @@ def run() -> None:
                         "gives the training length)")  # fmt: skip
     parser.add_argument("--heldout", nargs="+", required=True, help="text files never trained on")
     parser.add_argument("--factors", nargs="+", type=float, default=[4.0, 8.0])
+    parser.add_argument(
+        "--finetuned",
+        nargs="*",
+        default=[],
+        metavar="NAME=RUN",
+        help="runs fine-tuned from --checkpoint at a longer length, named for the table and plot",
+    )
     parser.add_argument("--plot", default=None, help="PNG to write")
     args = parser.parse_args()
+    finetuned = dict(item.rpartition("=")[::2] for item in args.finetuned)
+    if any(not name or not run for name, run in finetuned.items()):
+        raise UserError('--finetuned takes NAME=RUN items, e.g. "4x, YaRN, fine-tuned=runs/long-yarn"')
     checkpoint = resolve_checkpoint(args.checkpoint)
     trained = trained_seq_len(checkpoint)
     if trained is None:
@@ -67,6 +85,9 @@ def run() -> None:
     for factor in args.factors:
         runs[f"{factor:g}x, YaRN"] = score(checkpoint, documents, factor, False, trained)
         runs[f"{factor:g}x, plain RoPE"] = score(checkpoint, documents, factor, True, trained)
+    for name, run_dir in finetuned.items():
+        tuned = resolve_checkpoint(run_dir)
+        runs[name] = score(tuned, documents, None, False, trained_seq_len(tuned) or trained)
 
     print(f"| run | window | loss | bits/byte | mean loss, positions < {trained} | mean loss, positions >= {trained} |")
     print("| --- | --- | --- | --- | --- | --- |")

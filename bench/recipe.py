@@ -36,6 +36,13 @@ VARIANTS: dict[str, list[str]] = {
     "experts-8": ["--model-override", "num_local_experts=8"],
     "top-1": ["--model-override", "num_experts_per_tok=1"],
     "no-balance": ["--model-override", "router_aux_loss_coef=0"],
+    "muon": ["--optimizer", "muon"],
+    "muon-lr-6e-3": ["--optimizer", "muon", "--learning-rate", "6e-3"],
+    "muon-batch-32": ["--optimizer", "muon", "--batch-size", "32"],
+    "muon-lr-1.2e-2": ["--optimizer", "muon", "--learning-rate", "1.2e-2"],
+    "muon-lr-6e-3-untied": ["--optimizer", "muon", "--learning-rate", "6e-3", "--model-override",
+                            "tie_word_embeddings=false"],
+    "muon-lr-6e-3-warmup-20": ["--optimizer", "muon", "--learning-rate", "6e-3", "--warmup-steps", "20"],
 }  # fmt: skip
 
 
@@ -44,9 +51,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     out = Path(args.runs) / (f"{name}_{args.tag}" if args.tag else name)
     train = [sys.executable, "-m", "ossgpt", "train", "--data", args.data, "--out", str(out), "--preset", "tiny",
              "--max-minutes", str(args.minutes), "--max-steps", "1000000", "--force", *VARIANTS[name]]  # fmt: skip
-    subprocess.run(train, check=True, stdout=subprocess.DEVNULL)
+    if not args.score_only:
+        subprocess.run(train, check=True, stdout=subprocess.DEVNULL)
     evaluate = [sys.executable, "-m", "ossgpt", "eval", "--checkpoint", str(out), *args.heldout, "--json"]
-    report = json.loads(subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout)
+    report = json.loads(subprocess.run(evaluate, check=True, stdout=subprocess.PIPE, text=True).stdout)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     return {
         "variant": label,
@@ -83,6 +91,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="--max-minutes of every run")
     parser.add_argument("--runs", default="runs/recipe", help="folder of the runs and results.jsonl")
     parser.add_argument("--tag", default="", help="name the rows after the data too, e.g. --tag vocab-16k")
+    parser.add_argument("--score-only", action="store_true", help="do not train: score the variants' existing runs")
     args = parser.parse_args()
     results = Path(args.runs) / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)

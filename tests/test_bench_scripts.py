@@ -32,11 +32,15 @@ def run_script(name: str, *args) -> str:
 def test_long_context_script(tmp_path, heldout):
     run, data = tmp_path / "run", make_data(tmp_path / "data")
     assert main(["train", "--data", str(data), "--out", str(run), *TINY, "--max-steps", "2"]) == 0
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--data", str(data), "--out", str(tuned), *TINY, "--max-steps", "1", "--init-from", str(run),
+                 "--context-extension", "2", "--seq-len", "64"]) == 0  # fmt: skip
     out = run_script("long_context.py", "--checkpoint", run, "--heldout", heldout, "--factors", "2",
-                     "--plot", tmp_path / "lc.png")  # fmt: skip
+                     "--finetuned", f"2x, YaRN, tuned={tuned}", "--plot", tmp_path / "lc.png")  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row.split(" | ")[0] for row in rows] == ["| trained length (32)", "| 2x, YaRN", "| 2x, plain RoPE"]
-    assert [row.split(" | ")[1] for row in rows] == ["32", "64", "64"]  # window lengths
+    assert [row.split(" | ")[0] for row in rows] == ["| trained length (32)", "| 2x, YaRN", "| 2x, plain RoPE",
+                                                     "| 2x, YaRN, tuned"]  # fmt: skip
+    assert [row.split(" | ")[1] for row in rows] == ["32", "64", "64", "64"]  # window lengths
     assert (tmp_path / "lc.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -7,8 +7,8 @@ import pytest
 from ossgpt import GPTOSSForCausalLM
 from ossgpt.checkpoint import load_config
 from ossgpt.cli import main
-from ossgpt.cli.eval import context_extension
 from ossgpt.errors import UserError
+from ossgpt.inference.loading import context_extension
 from ossgpt.tokenizer import ByteTokenizer
 from test_eval import tiny_model
 

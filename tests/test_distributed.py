@@ -41,6 +41,21 @@ def test_two_processes_match_one(mode, reference, tmp_path):
     data, single = reference
     run = tmp_path / mode
     result = torchrun("-m", "ossgpt", "train", "--data", str(data), "--out", str(run), *FLAGS, "--distributed", mode)
+    check_same_run(result, run, single, mode)
+
+
+def test_muon_on_sharded_matrices_matches_one_process(reference, tmp_path):
+    """FSDP2 shards each matrix over the processes; Muon must orthogonalise the whole matrix, not each shard."""
+    data, _ = reference
+    single, run = tmp_path / "single", tmp_path / "fsdp"
+    assert main(["train", "--data", str(data), "--out", str(single), *FLAGS, "--optimizer", "muon"]) == 0
+    result = torchrun("-m", "ossgpt", "train", "--data", str(data), "--out", str(run), *FLAGS, "--optimizer", "muon",
+                      "--distributed", "fsdp")  # fmt: skip
+    check_same_run(result, run, single, "fsdp")
+
+
+def check_same_run(result: subprocess.CompletedProcess, run, single, mode: str) -> None:
+    """The two-process run `run` took the steps of the one-process run `single`, and only rank 0 wrote."""
     assert result.returncode == 0, result.stderr[-3000:]
 
     (steps, evals), (ref_steps, ref_evals) = read_metrics(run), read_metrics(single)

@@ -13,6 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.checkpoint import from_pretrained
@@ -166,8 +167,8 @@ def test_split_shorter_than_a_window_is_a_user_error(tmp_path):
 # --- configuration -------------------------------------------------------------------------------------------------
 def test_unset_fields_take_the_preset_defaults():
     tiny = TrainConfig.for_preset("tiny", data="d", out="o")
-    assert (tiny.batch_size, tiny.seq_len, tiny.learning_rate) == (16, 256, 3e-3)
-    assert tiny.min_lr == pytest.approx(3e-4)  # learning rate / 10
+    assert (tiny.batch_size, tiny.seq_len, tiny.learning_rate, tiny.optimizer) == (16, 256, 6e-3, "muon")
+    assert tiny.min_lr == pytest.approx(6e-4)  # learning rate / 10
     mini = TrainConfig.for_preset("mini", data="d", out="o", learning_rate=1e-3)
     assert mini.batch_size == TrainConfig.batch_size and mini.min_lr == pytest.approx(1e-4)
 
@@ -198,7 +199,7 @@ def test_every_config_field_is_a_documented_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
-    assert "(default: 5000; tiny: 450)" in text
+    assert "(default: 5000; tiny: 360)" in text
 
 
 # --- a run ------------------------------------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_max_minutes_stops_early_with_an_evaluation_and_a_save(tmp_path, data):
     steps, evals = read_metrics(run)
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == steps[-1]["step"] == evals[-1]["step"] < 1000
-    assert steps[-1]["lr"] == pytest.approx(lr_at(state["step"] - 1, 3e-3, 3e-4, 50, 1000))  # still over 1000 steps
+    assert steps[-1]["lr"] == pytest.approx(lr_at(state["step"] - 1, 6e-3, 6e-4, 20, 1000))  # still over 1000 steps
     assert "--max-minutes 0.0001 spent" in (run / "train.log").read_text()
 
 
@@ -251,10 +252,10 @@ def test_max_minutes_decays_the_learning_rate_within_the_budget(tmp_path, data):
     steps, _ = read_metrics(run)
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
     lrs = [row["lr"] for row in steps]
-    assert len(lrs) >= 3 and lrs[0] == pytest.approx(3e-3)
+    assert len(lrs) >= 3 and lrs[0] == pytest.approx(6e-3)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     # Far further down than 100,000 steps would put it, and the run's clock is saved for --resume.
-    assert lrs[-1] < lr_at(len(lrs) * 100, 3e-3, 3e-4, 0, 100000) - 1e-4
+    assert lrs[-1] < lr_at(len(lrs) * 100, 6e-3, 6e-4, 0, 100000) - 1e-4
     assert 1.8 <= state["seconds"] < 60 and state["warmup_end_seconds"] == 0.0
 
 
@@ -336,6 +337,9 @@ BAD_INPUTS = {
     "resume and force": (None, ["--resume", "--force"], "pass only one"),
     "resume without a checkpoint": (None, ["--resume"], "holds no checkpoint to resume"),
     "bad dtype": (None, ["--dtype", "int8"], "--dtype must be one of"),
+    "bad optimizer": (None, ["--optimizer", "sgd"], "--optimizer must be one of adamw, muon"),
+    "extension without a checkpoint": (None, ["--context-extension", "4"], "pass it with --init-from CHECKPOINT"),
+    "init from nothing": (None, ["--init-from", "no/such/run"], "checkpoint no/such/run does not exist"),
     "ddp without torchrun": (None, ["--distributed", "ddp"], "needs several processes"),
     "tokenizer of another preset": (
         lambda d: write_meta(d, tokenizer="o200k_harmony", vocab_size=201_088),
@@ -359,6 +363,38 @@ def test_bad_input_is_one_error_line(case, tmp_path, data, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert message in err
+
+
+# --- fine-tuning from a checkpoint ------------------------------------------------------------------------------------
+def test_init_from_starts_at_the_checkpoint_and_extends_its_context(tmp_path, data):
+    source = tmp_path / "source"
+    argv = ["train", "--data", str(data), "--out", str(source), *TINY, "--max-steps", "20", "--log-every", "1"]
+    assert main(argv) == 0
+    tuned = tmp_path / "tuned"
+    flags = ["--init-from", str(source), "--context-extension", "4", "--seq-len", "128", "--max-steps", "1",
+             "--learning-rate", "1e-12", "--min-lr", "0", "--log-every", "1"]  # fmt: skip
+    assert main(["train", "--data", str(data), "--out", str(tuned), *TINY, *flags]) == 0
+    config = from_pretrained(tuned / "checkpoint").config
+    assert (config.rope_type, config.rope_factor, config.rope_original_max_position_embeddings) == ("yarn", 4, 32)
+    assert config.max_position_embeddings == 1024 and config.hidden_size == 32  # the source's model
+    # A learning rate of 1e-12: the weights are still the source's, and so is the loss (far below a fresh model's).
+    a, b = load_file(source / "checkpoint/model.safetensors"), load_file(tuned / "checkpoint/model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+    (first,), _ = read_metrics(tuned)
+    source_steps, _ = read_metrics(source)
+    assert first["lm_loss"] < source_steps[0]["lm_loss"] - 0.5
+    # The fine-tune resumes like any run: its saved model config is the one it trains.
+    assert main(["train", "--data", str(data), "--out", str(tuned), *TINY, *flags[:6], "--max-steps", "2",
+                 "--resume"]) == 0  # fmt: skip
+
+
+def test_init_from_needs_data_in_the_checkpoints_vocabulary(tmp_path, data, capsys):
+    source = tmp_path / "source"
+    assert main(["train", "--data", str(data), "--out", str(source), *TINY, "--max-steps", "1"]) == 0
+    (source / "checkpoint" / "tokenizer.json").write_text('{"other": "vocabulary"}')
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), *TINY, "--init-from", str(source)]) == 2
+    assert "is tokenized with another vocabulary" in capsys.readouterr().err
 
 
 def test_an_existing_run_needs_resume_or_force(tmp_path, data, capsys):

@@ -44,8 +44,9 @@ def interrupt_at(monkeypatch, stop_step: int) -> None:
     monkeypatch.setattr(training_data.TrainBatches, "batch", batch_or_stop)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, data, monkeypatch):
-    flags = ["--max-steps", "6", "--save-every", "3", "--eval-every", "3"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_equals_an_uninterrupted_one(optimizer, tmp_path, data, monkeypatch):
+    flags = ["--max-steps", "6", "--save-every", "3", "--eval-every", "3", "--optimizer", optimizer]
     assert main(train_argv(data, tmp_path / "straight", *flags)) == 0
 
     with monkeypatch.context() as patch:
@@ -129,6 +130,7 @@ BAD_CHECKPOINTS = {
     "model only": (lambda c: (c / "trainer_state.json").unlink(), [], "not a training checkpoint"),
     "no optimizer state": (lambda c: (c / "optimizer.safetensors").unlink(), [], "has no optimizer.safetensors"),
     "foreign optimizer state": (foreign_optimizer, [], "does not belong to this model"),
+    "another optimizer": (None, ["--optimizer", "adamw"], "or was trained with another --optimizer"),
     "another model": (None, ["--model-override", "hidden_size=64"], "holds a different model: hidden_size 32"),
 }
 

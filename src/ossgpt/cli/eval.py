@@ -24,9 +24,15 @@ from ossgpt.data.prepare import note_encoding, read_text
 from ossgpt.errors import UserError
 from ossgpt.eval.baselines import compression_bits_per_byte, train_token_counts, unigram_bits_per_byte
 from ossgpt.eval.metrics import DEFAULT_MAX_SEQ_LEN, EvalResult, TokenizedText, evaluate_tokens, tokenize_documents
-from ossgpt.inference.loading import load_model_and_tokenizer, resolve_checkpoint
+from ossgpt.inference.loading import (
+    TRAIN_CONFIG,
+    context_extension,
+    load_model_and_tokenizer,
+    read_json_dict,
+    resolve_checkpoint,
+    trained_seq_len,
+)
 
-TRAIN_CONFIG = "train_config.json"  # written by `ossgpt train` into RUN_DIR; its "data" names the data folder
 BASELINE_LABELS = {"gzip": "gzip -9", "bzip2": "bzip2 -9", "xz": "xz -9", "unigram": "unigram"}
 
 
@@ -104,32 +110,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def context_extension(checkpoint: Path, factor: float | None, no_yarn: bool) -> dict:
-    """Config overrides that stretch the model's context `factor` times past the length it was trained on."""
-    if factor is None:
-        if no_yarn:
-            raise UserError("--no-yarn only applies with --context-extension F")
-        return {}
-    if factor < 1:
-        raise UserError(f"--context-extension must be >= 1, got {factor}")
-    from ossgpt.checkpoint import load_config
-
-    config = load_config(checkpoint)
-    if config.rope_type == "yarn" and config.rope_factor > 1:
-        raise UserError(f"this model was trained with YaRN factor {config.rope_factor}; extend models trained with "
-                        "plain RoPE")  # fmt: skip
-    trained = trained_seq_len(checkpoint) or config.max_position_embeddings
-    overrides = {"max_position_embeddings": max(config.max_position_embeddings, int(factor * trained))}
-    if not no_yarn and factor > 1:
-        overrides.update(rope_type="yarn", rope_factor=factor, rope_original_max_position_embeddings=int(trained))
-    return overrides
-
-
-def trained_seq_len(checkpoint: Path) -> int | None:
-    """The sequence length a training run's checkpoint was trained on (None for a bare model directory)."""
-    return read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("seq_len")
-
-
 def default_seq_len(checkpoint: Path, factor: float | None) -> int | None:
     """Windows as long as the training sequences (a model is not expected to know positions it never saw),
     `factor` times longer with --context-extension; None (the model's context) when the length is unknown."""
@@ -168,15 +148,6 @@ def recorded_data_dir(checkpoint: Path) -> Path | None:
     """The data folder that trained this checkpoint, from RUN_DIR/train_config.json, if it still exists."""
     data = read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("data")  # checkpoint is RUN_DIR/checkpoint
     return Path(data) if isinstance(data, str) and (Path(data) / "train.bin").is_file() else None
-
-
-def read_json_dict(path: Path) -> dict:
-    """A JSON object file's contents; {} if the file is missing or holds something else."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def write_plots(result: EvalResult, directory: Path) -> None:

@@ -4,19 +4,24 @@ A checkpoint path may name either
   a model directory   config.json + model.safetensors (+ tokenizer.json), as `save_pretrained` writes it, or a
                       Hugging Face gpt-oss directory;
   a training run      RUN_DIR holding the model directory as RUN_DIR/checkpoint/.
+
+Context extension (`context_extension`): config overrides that set YaRN for F times the length a run trained on,
+used at load time by `ossgpt eval` and as the starting point of a long-context fine-tune by `ossgpt train`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ossgpt.checkpoint import from_pretrained
+from ossgpt.checkpoint import from_pretrained, load_config
 from ossgpt.errors import UserError
 from ossgpt.tokenizer import load_tokenizer
 
 RUN_CHECKPOINT = "checkpoint"  # a training run's model directory, relative to the run directory
+TRAIN_CONFIG = "train_config.json"  # written by `ossgpt train` into RUN_DIR; its "data" names the data folder
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -65,3 +70,36 @@ def load_model_and_tokenizer(
             f"{model.config.vocab_size} embeddings; the checkpoint's tokenizer does not belong to its model"
         )
     return model, tokenizer
+
+
+def context_extension(checkpoint: Path, factor: float | None, no_yarn: bool) -> dict:
+    """Config overrides that stretch the model's context `factor` times past the length it was trained on."""
+    if factor is None:
+        if no_yarn:
+            raise UserError("--no-yarn only applies with --context-extension F")
+        return {}
+    if factor < 1:
+        raise UserError(f"--context-extension must be >= 1, got {factor}")
+    config = load_config(checkpoint)
+    if config.rope_type == "yarn" and config.rope_factor > 1:
+        raise UserError(f"this model was trained with YaRN factor {config.rope_factor}; extend models trained with "
+                        "plain RoPE")  # fmt: skip
+    trained = trained_seq_len(checkpoint) or config.max_position_embeddings
+    overrides = {"max_position_embeddings": max(config.max_position_embeddings, int(factor * trained))}
+    if not no_yarn and factor > 1:
+        overrides.update(rope_type="yarn", rope_factor=factor, rope_original_max_position_embeddings=int(trained))
+    return overrides
+
+
+def trained_seq_len(checkpoint: Path) -> int | None:
+    """The sequence length a training run's checkpoint was trained on (None for a bare model directory)."""
+    return read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("seq_len")
+
+
+def read_json_dict(path: Path) -> dict:
+    """A JSON object file's contents; {} if the file is missing or holds something else."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -2,7 +2,8 @@
 
 config.py       TrainConfig (every field an `ossgpt train` flag), per-preset defaults, the model to train
 data.py         random training windows and fixed validation windows from a prepared data folder
-optim.py        AdamW parameter groups and the warm-up + cosine learning-rate schedule
+optim.py        the optimizer's parameter groups and the warm-up + cosine learning-rate schedule
+muon.py         Muon (orthogonalised momentum) for the hidden matrices, AdamW for the rest
 trainer.py      the loop: accumulation, autocast, clipping, NaN skipping, evaluation, saving
 checkpoint.py   RUN_DIR/checkpoint: atomic saves of model, optimizer and trainer state; exact resume
 distributed.py  torchrun process groups, DDP / FSDP2 wrapping, per-block torch.compile

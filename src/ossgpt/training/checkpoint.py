@@ -3,7 +3,8 @@
     RUN_DIR/checkpoint/
       config.json, model.safetensors   the model exactly as `save_pretrained` writes it (`from_pretrained` loads it)
       tokenizer.json                   copied from the data folder, so the checkpoint is self-contained
-      optimizer.safetensors            AdamW state: NAME.exp_avg, NAME.exp_avg_sq, NAME.step for each parameter
+      optimizer.safetensors            optimizer state: NAME.exp_avg, NAME.exp_avg_sq, NAME.step for each AdamW
+                                       parameter, NAME.momentum_buffer for each Muon matrix
       trainer_state.json               step, tokens seen, best validation loss, RNG states, the TrainConfig
 
 Safetensors and JSON only: reading a checkpoint never unpickles anything.
@@ -50,6 +51,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 STATE_FORMAT = "ossgpt-trainer-state"
 ADAMW_KEYS = ("step", "exp_avg", "exp_avg_sq")
+MUON_KEYS = ("momentum_buffer",)  # a Muon group's matrices (training.muon); its other groups are AdamW's
 # Model config fields that choose an implementation, not the function: a run may resume with others.
 RUNTIME_FIELDS = {"attn_implementation", "moe_implementation", "gradient_checkpointing"}
 # Tests set this to a number of seconds to hold a save open midway, long enough to kill the process there.
@@ -188,11 +190,16 @@ def load_optimizer_state(directory: Path, model: nn.Module, optimizer: torch.opt
     shapes = {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}  # global shapes, no gather
     current = get_optimizer_state_dict(model, optimizer)  # parameter names per group; no state yet
     state = {}
-    for name in (name for group in current["param_groups"] for name in group["params"]):
-        tensors = {key: flat.pop(f"{name}.{key}", None) for key in ADAMW_KEYS}
-        if any(t is None for t in tensors.values()) or tuple(tensors["exp_avg"].shape) != shapes[name]:
-            raise UserError(f"{path} has no state of the right shape for {name}; it does not belong to this model")
-        state[name] = tensors
+    for group in current["param_groups"]:
+        keys = MUON_KEYS if group.get("muon") else ADAMW_KEYS
+        for name in group["params"]:
+            tensors = {key: flat.pop(f"{name}.{key}", None) for key in keys}
+            if any(t is None for t in tensors.values()) or tuple(tensors[keys[-1]].shape) != shapes[name]:
+                raise UserError(
+                    f"{path} has no {' / '.join(keys)} state of the right shape for {name}: it does not belong to "
+                    "this model, or was trained with another --optimizer"
+                )
+            state[name] = tensors
     if flat:
         raise UserError(f"{path} has state for unknown parameters ({next(iter(flat))}, ...); it is foreign")
     options = StateDictOptions(full_state_dict=True)  # every process passes the full tensors; FSDP keeps its shard

@@ -6,7 +6,8 @@ every field the user did not give from the preset's defaults: `tiny` is sized fo
 presets for one GPU or more.
 
 The model is the preset's, fitted to the prepared data (`model_config_for`): presets with a compact vocabulary
-(`tiny`) take the data's tokenizer and vocabulary; the others must be given data in their own tokenizer.
+(`tiny`) take the data's tokenizer and vocabulary; the others must be given data in their own tokenizer. A
+fine-tune (`--init-from CHECKPOINT`) takes the checkpoint's model instead, e.g. stretched by `--context-extension`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from ossgpt.checkpoint import load_config
 from ossgpt.config import PRESETS, GPTOSSConfig, round_up
 from ossgpt.errors import UserError
+from ossgpt.inference.loading import context_extension, resolve_checkpoint
+from ossgpt.tokenizer import TOKENIZER_FILE
+from ossgpt.training.optim import OPTIMIZERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,6 +47,15 @@ class TrainConfig:
         default_factory=list,
         metadata={"help": "change a model config field, e.g. hidden_size=128 (repeatable)", "metavar": "KEY=VALUE"},
     )
+    init_from: str = _option(
+        "", "start a new run from the weights of this checkpoint (run or model directory), with a fresh optimizer: "
+        "fine-tuning. The model is the checkpoint's (with --model-override); the data must be in its tokenizer",
+        metavar="PATH",
+    )  # fmt: skip
+    context_extension: float | None = _option(
+        None, "with --init-from: fine-tune for F times the length the checkpoint trained on, with YaRN scaling set "
+        "for it (pass the longer --seq-len too)", metavar="F",
+    )  # fmt: skip
     resume: bool = _option(False, "continue the run in RUN_DIR from its checkpoint (same data order and losses)")
     force: bool = _option(False, "start afresh in a RUN_DIR that already holds a run (its checkpoint is deleted)")
 
@@ -56,13 +71,18 @@ class TrainConfig:
     seq_len: int = _option(1024, "tokens per sequence (at most the model's max_position_embeddings)")
     grad_accum_steps: int = _option(1, "micro-steps per optimizer step (tokens per step: batch x seq_len x this)")
 
-    # --- optimizer (AdamW) and schedule (linear warm-up, cosine decay) --------------------------------------------
+    # --- optimizer and schedule (linear warm-up, cosine decay) ------------------------------------------------------
+    optimizer: str = _option(
+        "adamw", f"{' or '.join(OPTIMIZERS)}: muon steps the attention and expert matrices along their "
+        "orthogonalised momentum (training/muon.py), AdamW the rest; the same learning rate and weight decay",
+        metavar="NAME",
+    )  # fmt: skip
     learning_rate: float = _option(6e-4, "peak learning rate, reached after the warm-up")
     min_lr: float | None = _option(None, "learning rate at the end of the cosine decay (default: learning rate / 10)")
     warmup_steps: int = _option(200, "steps of linear learning-rate warm-up")
-    weight_decay: float = _option(0.1, "AdamW weight decay of matrices (never of norms, biases or sinks)")
-    beta1: float = _option(0.9, "AdamW beta1")
-    beta2: float = _option(0.95, "AdamW beta2")
+    weight_decay: float = _option(0.1, "weight decay of matrices (never of norms, biases or sinks)")
+    beta1: float = _option(0.9, "AdamW beta1 (with muon: of the parameters AdamW steps)")
+    beta2: float = _option(0.95, "AdamW beta2 (with muon: of the parameters AdamW steps)")
     grad_clip: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
 
     # --- numerics, speed, parallelism --------------------------------------------------------------------------------
@@ -121,6 +141,7 @@ class TrainConfig:
         check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "positive")
         check(self.learning_rate > 0, "learning_rate", "positive")
         check(self.min_lr is not None and 0 <= self.min_lr <= self.learning_rate, "min_lr", "in [0, --learning-rate]")
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
         check(self.weight_decay >= 0, "weight_decay", ">= 0")
         check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
@@ -128,6 +149,8 @@ class TrainConfig:
         check(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
         check(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
         check(self.distributed in DISTRIBUTED, "distributed", f"one of {', '.join(DISTRIBUTED)}")
+        if self.context_extension is not None and not self.init_from:
+            raise UserError("--context-extension extends a trained model: pass it with --init-from CHECKPOINT")
         if self.resume and self.force:
             raise UserError("--resume continues the run in RUN_DIR and --force discards it; pass only one")
 
@@ -141,15 +164,17 @@ class TrainConfig:
 
 # What differs from the dataclass defaults (which suit `mini` and larger on GPUs), per preset.
 PRESET_DEFAULTS: dict[str, dict] = {
-    # Chosen by the runs in docs/recipe.md. ~1.1 s per step on 2 CPU cores (4,096 tokens): 450 steps is about
-    # 8 minutes; with `--max-minutes` the run and its learning-rate decay end with the budget if that comes first.
+    # Chosen by the runs in docs/recipe.md. ~1.35 s per step on 2 CPU cores (4,096 tokens, Muon included): 360
+    # steps is about 8 minutes; with `--max-minutes` the run and its learning-rate decay end with the budget if
+    # that comes first.
     "tiny": dict(
-        max_steps=450,
+        max_steps=360,
         batch_size=16,
         seq_len=256,
-        learning_rate=3e-3,
-        warmup_steps=50,
-        eval_every=50,
+        optimizer="muon",
+        learning_rate=6e-3,
+        warmup_steps=20,
+        eval_every=100,
         eval_batches=8,
         save_every=100,
     ),
@@ -158,21 +183,30 @@ PRESET_DEFAULTS: dict[str, dict] = {
 
 # ----------------------------------------------------------------------------------------------------------------
 def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
-    """The preset's model config, fitted to the data described by `meta` (a data folder's meta.json), with
-    `config.model_override` applied. UserError if the data cannot train this model."""
-    model = GPTOSSConfig.from_preset(config.preset)
+    """The preset's model config (or --init-from's), fitted to the data described by `meta` (a data folder's
+    meta.json), with `config.model_override` applied. UserError if the data cannot train this model."""
     data_tokenizer, data_vocab = meta["tokenizer"], meta["vocab_size"]
-    if ":" in model.tokenizer:  # a compact, corpus-fitted vocabulary: the data decides which one
-        model = model.replace(
-            tokenizer=data_tokenizer,
-            vocab_size=round_up(data_vocab, VOCAB_MULTIPLE),
-            eos_token_id=meta["eot_token_id"],
-        )
-    elif data_tokenizer != model.tokenizer:
-        raise UserError(
-            f"{config.data} is tokenized with {data_tokenizer}, but preset {config.preset} expects "
-            f"{model.tokenizer}: re-run `ossgpt prepare --tokenizer {model.tokenizer}`, or choose another --preset"
-        )
+    if config.init_from:
+        model = init_from_config(config)
+        checkpoint = resolve_checkpoint(config.init_from)
+        if data_tokenizer != model.tokenizer or not same_tokenizer_file(config.data, checkpoint):
+            raise UserError(
+                f"{config.data} is tokenized with another vocabulary ({data_tokenizer}) than {checkpoint} "
+                f"({model.tokenizer}): fine-tune on data prepared with the checkpoint's tokenizer"
+            )
+    else:
+        model = GPTOSSConfig.from_preset(config.preset)
+        if ":" in model.tokenizer:  # a compact, corpus-fitted vocabulary: the data decides which one
+            model = model.replace(
+                tokenizer=data_tokenizer,
+                vocab_size=round_up(data_vocab, VOCAB_MULTIPLE),
+                eos_token_id=meta["eot_token_id"],
+            )
+        elif data_tokenizer != model.tokenizer:
+            raise UserError(
+                f"{config.data} is tokenized with {data_tokenizer}, but preset {config.preset} expects "
+                f"{model.tokenizer}: re-run `ossgpt prepare --tokenizer {model.tokenizer}`, or choose another --preset"
+            )
     overrides = parse_model_overrides(config.model_override)
     try:
         model = model.replace(**overrides)
@@ -189,6 +223,19 @@ def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
             "lower --seq-len (or raise it with --model-override max_position_embeddings=N)"
         )
     return model
+
+
+def init_from_config(config: TrainConfig) -> GPTOSSConfig:
+    """The model config of --init-from's checkpoint, with YaRN set for --context-extension."""
+    checkpoint = resolve_checkpoint(config.init_from)
+    return load_config(checkpoint, **context_extension(checkpoint, config.context_extension, no_yarn=False))
+
+
+def same_tokenizer_file(data: str, checkpoint: Path) -> bool:
+    """Whether a data folder and a checkpoint hold the same tokenizer.json (a corpus-fitted vocabulary is only
+    the same if its token table is); True when either has none (a named tokenizer, e.g. cl100k_base)."""
+    files = [Path(data) / TOKENIZER_FILE, checkpoint / TOKENIZER_FILE]
+    return not all(f.is_file() for f in files) or files[0].read_bytes() == files[1].read_bytes()
 
 
 def parse_model_overrides(items: list[str]) -> dict:

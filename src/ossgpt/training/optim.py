@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule.
+"""The optimizer (AdamW, or Muon for the hidden matrices), with weight decay on matrices only, and the schedule.
 
 Weight decay pulls weights towards zero. That is a useful prior for the matrices (projections, experts,
 router, embeddings), but not for parameters that set a scale or an offset: RMSNorm gains (decaying them shrinks
@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from ossgpt.training.muon import Muon, muon_param_groups
+
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Whether a parameter gets weight decay: matrices and stacked expert matrices, not norms, biases, sinks."""
@@ -34,10 +36,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 def build_optimizer(
-    model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float]
-) -> torch.optim.AdamW:
-    """AdamW over `model`'s parameters: the fused kernel on GPUs, torch's default implementation elsewhere."""
+    model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float], name: str = "adamw"
+) -> torch.optim.Optimizer:
+    """AdamW over `model`'s parameters (the fused kernel on GPUs, torch's default implementation elsewhere), or
+    Muon for the attention and expert matrices with AdamW for the rest (`name="muon"`, see training.muon)."""
+    if name == "muon":
+        return Muon(muon_param_groups(model, weight_decay, decays), lr=learning_rate, betas=betas)
     on_cuda = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=on_cuda or None)
 

@@ -35,6 +35,7 @@ import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
 from ossgpt.errors import UserError
+from ossgpt.inference.loading import resolve_checkpoint
 from ossgpt.model import CausalLMOutput, GPTOSSForCausalLM
 from ossgpt.tokenizer import TOKENIZER_FILE
 from ossgpt.training import distributed
@@ -111,7 +112,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir if ctx.is_main else None, config.max_steps, resume_step)
         self.model = distributed.parallelize(model, ctx, config.compile, self.logger.info)
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                         (config.beta1, config.beta2))  # fmt: skip
+                                         (config.beta1, config.beta2), config.optimizer)  # fmt: skip
         self.dtype = DTYPES[config.dtype]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.best_val_loss, self.nan_streak = 0, 0, math.inf, 0
@@ -148,6 +149,9 @@ class Trainer:
         device = self.ctx.device
         if resumed:
             model = from_pretrained(checkpoint_dir(self.run_dir), device=device)
+        elif self.config.init_from:  # a fine-tune: the checkpoint's weights in this run's model config
+            model = from_pretrained(resolve_checkpoint(self.config.init_from), device=device,
+                                    **self.model_config.to_dict())  # fmt: skip
         else:
             torch.manual_seed(self.config.seed)  # every process initialises the same weights
             with torch.device(device):
