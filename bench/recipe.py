@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--heldout", nargs="+", required=True, help="text files never trained on")
     parser.add_argument("--minutes", type=float, default=8.0, help="--max-minutes of every run")
     parser.add_argument("--runs", default="runs/recipe", help="folder of the runs and results.jsonl")
-    parser.add_argument("--tag", default="", help="name the rows after the data too, e.g. --tag vocab-16k")
+    parser.add_argument(
+        "--tag", default="", help="a label added to the rows' names (other data, other defaults), e.g. --tag vocab-16k"
+    )
     parser.add_argument("--score-only", action="store_true", help="do not train: score the variants' existing runs")
     args = parser.parse_args()
     results = Path(args.runs) / "results.jsonl"
