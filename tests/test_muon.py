@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
-from ossgpt.training.muon import NS_COEFFICIENTS, Muon, muon_param_groups, orthogonalize, uses_muon
-from ossgpt.training.optim import build_optimizer, decays
+from ossgpt.training.muon import NS_COEFFICIENTS, Muon, orthogonalize, uses_muon
+from ossgpt.training.optim import build_optimizer, param_groups
 
 
 def newton_schulz_by_svd(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -50,7 +50,7 @@ def tiny_model() -> GPTOSSForCausalLM:
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     model = tiny_model()
-    muon, decayed, plain = muon_param_groups(model, 0.1, decays)
+    muon, decayed, plain = param_groups(model, 0.1, muon=True)
     names = {id(p): name for name, p in model.named_parameters()}
     muon_names = {names[id(p)] for p in muon["params"]}
     assert muon_names == {f"layers.{i}.{part}" for i in range(2) for part in (

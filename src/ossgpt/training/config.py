@@ -187,8 +187,8 @@ def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
     meta.json), with `config.model_override` applied. UserError if the data cannot train this model."""
     data_tokenizer, data_vocab = meta["tokenizer"], meta["vocab_size"]
     if config.init_from:
-        model = init_from_config(config)
-        checkpoint = resolve_checkpoint(config.init_from)
+        checkpoint = resolve_checkpoint(config.init_from)  # its model, with YaRN set for --context-extension
+        model = load_config(checkpoint, **context_extension(checkpoint, config.context_extension, no_yarn=False))
         if data_tokenizer != model.tokenizer or not same_tokenizer_file(config.data, checkpoint):
             raise UserError(
                 f"{config.data} is tokenized with another vocabulary ({data_tokenizer}) than {checkpoint} "
@@ -223,12 +223,6 @@ def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
             "lower --seq-len (or raise it with --model-override max_position_embeddings=N)"
         )
     return model
-
-
-def init_from_config(config: TrainConfig) -> GPTOSSConfig:
-    """The model config of --init-from's checkpoint, with YaRN set for --context-extension."""
-    checkpoint = resolve_checkpoint(config.init_from)
-    return load_config(checkpoint, **context_extension(checkpoint, config.context_extension, no_yarn=False))
 
 
 def same_tokenizer_file(data: str, checkpoint: Path) -> bool:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 # Quintic Newton-Schulz coefficients (Jordan): chosen for the steepest slope at 0, so that small singular values
 # grow fast; the result has singular values in about [0.7, 1.2] rather than exactly 1, which trains as well.
@@ -129,14 +128,3 @@ def _orthogonalize_full(update: torch.Tensor, steps: int) -> torch.Tensor:
     full = orthogonalize(update.full_tensor(), steps)
     replicated = DTensor.from_local(full, update.device_mesh, [Replicate()] * update.device_mesh.ndim, run_check=False)
     return replicated.redistribute(update.device_mesh, update.placements)
-
-
-def muon_param_groups(model: nn.Module, weight_decay: float, decays) -> list[dict]:
-    """Muon's matrices, then AdamW's decayed and undecayed parameters (`decays(name, param)` decides)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    rest = [(name, p) for name, p in named if not uses_muon(name, p)]
-    return [
-        {"params": [p for name, p in named if uses_muon(name, p)], "weight_decay": weight_decay, "muon": True},
-        {"params": [p for name, p in rest if decays(name, p)], "weight_decay": weight_decay},
-        {"params": [p for name, p in rest if not decays(name, p)], "weight_decay": 0.0},
-    ]

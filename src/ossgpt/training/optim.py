@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from ossgpt.training.muon import Muon, muon_param_groups
+from ossgpt.training.muon import Muon, uses_muon
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -27,10 +27,16 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not name.endswith("bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices, and the rest with weight_decay 0 (each parameter once, even if tied)."""
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
+    """AdamW's two groups: decayed matrices, and the rest with weight_decay 0 (each parameter once, even if tied).
+    With `muon`, first a Muon group of the hidden matrices (`uses_muon`), decayed, which the other two then lack."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [
+    groups = []
+    if muon:
+        groups.append({"params": [p for name, p in named if uses_muon(name, p)], "weight_decay": weight_decay,
+                       "muon": True})  # fmt: skip
+        named = [(name, p) for name, p in named if not uses_muon(name, p)]
+    return groups + [
         {"params": [p for name, p in named if decays(name, p)], "weight_decay": weight_decay},
         {"params": [p for name, p in named if not decays(name, p)], "weight_decay": 0.0},
     ]
@@ -45,7 +51,7 @@ def build_optimizer(
     """AdamW over `model`'s parameters (the fused kernel on GPUs, torch's default implementation elsewhere), or
     Muon for the attention and expert matrices with AdamW for the rest (`name="muon"`, see training.muon)."""
     if name == "muon":
-        return Muon(muon_param_groups(model, weight_decay, decays), lr=learning_rate, betas=betas)
+        return Muon(param_groups(model, weight_decay, muon=True), lr=learning_rate, betas=betas)
     on_cuda = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=on_cuda or None)
 
