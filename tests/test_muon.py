@@ -70,10 +70,11 @@ def set_grads(model, seed: int) -> None:
         p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
 
 
-def test_two_muon_steps_in_closed_form():
+@pytest.mark.parametrize("ns_steps", [5, 3])
+def test_two_muon_steps_in_closed_form(ns_steps):
     model = tiny_model()
     lr, wd, beta = 0.01, 0.1, 0.95
-    optimizer = build_optimizer(model, lr, wd, (0.9, 0.95), "muon")
+    optimizer = build_optimizer(model, lr, wd, (0.9, 0.95), "muon", ns_steps=ns_steps)
     weight = model.layers[0].mlp.experts.gate_up_proj  # [E, 64, 128]: E matrices, each orthogonalised alone
     scale = 0.2 * math.sqrt(128)  # update RMS of AdamW's
     expected, momentum = weight.detach().clone(), torch.zeros_like(weight)
@@ -82,7 +83,7 @@ def test_two_muon_steps_in_closed_form():
         grad = weight.grad.clone()
         momentum = beta * momentum + (1 - beta) * grad
         nesterov = beta * momentum + (1 - beta) * grad
-        expected = expected * (1 - lr * wd) - lr * scale * newton_schulz_by_svd(nesterov)
+        expected = expected * (1 - lr * wd) - lr * scale * newton_schulz_by_svd(nesterov, ns_steps)
         optimizer.step()
         torch.testing.assert_close(weight.detach(), expected, rtol=1e-9, atol=1e-9)
 

@@ -146,6 +146,26 @@ def test_train_batches_are_a_function_of_seed_step_and_rank(data):
     assert all(torch.equal(parts[r], a[r::3]) for r in range(3))
 
 
+@pytest.mark.parametrize("length", [17, 31, 32, 100, 1000])
+def test_train_batches_visit_every_window_once_per_epoch(length):
+    tokens = np.arange(length, dtype=np.uint32)  # token value = its position: a row's first token is its start
+    seq_len, batch_size, accum = 16, 3, 2
+    batches = TrainBatches(tokens, batch_size, seq_len, seed=0, grad_accum_steps=accum)
+    n = batches.windows_per_epoch
+    assert n == max(1, (length - seq_len + 1) // seq_len) and batches.max_offset >= min(seq_len - 1, length - seq_len)
+    # The stream of windows, in order: step by step, micro-step by micro-step.
+    stream = torch.cat([batches.batch(step, micro) for step in range(2 * n) for micro in range(accum)])
+    assert torch.equal(stream[:, 1:] - stream[:, :-1], torch.ones(len(stream), seq_len - 1, dtype=torch.int64))
+    assert int(stream.max()) < length  # every window lies inside the split
+    for epoch in range(3):
+        starts = stream[epoch * n : (epoch + 1) * n, 0]
+        # back-to-back windows from one offset, each exactly once, in a shuffled order
+        assert sorted(starts.tolist()) == [int(starts.min()) + i * seq_len for i in range(n)]
+        assert int(starts.min()) <= batches.max_offset
+    if n > 4:  # orders and offsets change from epoch to epoch
+        assert not torch.equal(stream[:n, 0], stream[n : 2 * n, 0])
+
+
 def test_validation_batches_are_fixed_and_cover_the_split(data):
     tokens = open_split(data, "val", 16)
     batches = validation_batches(tokens, batch_size=4, seq_len=16, num_batches=3)
@@ -199,7 +219,7 @@ def test_every_config_field_is_a_documented_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
-    assert "(default: 5000; tiny: 360)" in text
+    assert "(default: 5000; tiny: 400)" in text
 
 
 # --- a run ------------------------------------------------------------------------------------------------------------
@@ -325,6 +345,7 @@ BAD_INPUTS = {
     "corrupt meta.json": (lambda d: (d / "meta.json").write_text("{"), [], "not valid JSON"),
     "negative steps": (None, ["--max-steps", "-1"], "--max-steps must be a positive integer"),
     "batch 0": (None, ["--batch-size", "0"], "--batch-size must be a positive integer"),
+    "no newton-schulz steps": (None, ["--muon-ns-steps", "0"], "--muon-ns-steps must be a positive integer"),
     "seq_len beyond context": (None, ["--seq-len", "2048"], "exceeds the model's context of 1024"),
     "val split too short": (
         None,

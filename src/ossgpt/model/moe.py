@@ -24,9 +24,9 @@ Training regularisers (returned, weighted by config coefficients, as the model's
 Two dispatch implementations of the same function, chosen by `config.moe_implementation`:
   * `loop`: for each expert, gather its tokens, run the MLP, scatter back (the obviously correct reference);
   * `sorted`: sort the N*k assignments by expert so each expert's tokens are one contiguous slice, multiply
-    every slice by its expert's weights in one grouped matmul (`grouped_linear`: torch's grouped_mm kernel
-    where this torch/device/dtype has one, else a loop over the slices), and add the weighted results back
-    with one index_add.
+    every slice by its expert's weights in one grouped matmul (`grouped_linear`: torch's grouped_mm kernel on
+    an accelerator where this torch/dtype has one; on CPU, and elsewhere, one addmm per slice), and add the
+    weighted results back with one index_add.
 
 Both index the stacked [E, ...] parameters per expert through `unbind`, not `weight[e]`: the backward of
 `weight[e]` materialises a zero [E, ...] gradient per expert (E^2 traffic; with 32 experts this alone made
@@ -62,7 +62,10 @@ class RouterStats:
 
 def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gate_up [..., 2I] with gate/up interleaved -> [..., I]."""
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    # unbind rather than the slices [..., ::2] and [..., 1::2]: the backward of unbind writes the interleaved
+    # gradient in one pass (a stack), where each slice's backward zero-fills a full [..., 2I] tensor and the
+    # two are then added: 65 -> 51 ms for the forward and backward of [8192, 1024] on 2 CPU cores.
+    gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
@@ -154,13 +157,15 @@ def grouped_linear(
 ) -> torch.Tensor:
     """Rows of x [M, in] grouped by expert (counts [E], summing to M) times that expert's weight [E, in, out] + bias.
 
-    use_grouped_mm: None = torch's grouped_mm kernel when it works here (see `grouped_mm_available`), else a loop
-    over the experts' slices; True/False force one (tests compare the two).
+    use_grouped_mm: None = torch's grouped_mm kernel on accelerators where it works (see `grouped_mm_available`),
+    else a loop over the experts' slices; True/False force one (tests compare the two).
     """
     dtype = _matmul_dtype(x, weight)
     xd, wd = x.to(dtype), weight.to(dtype)  # grouped_mm has no autocast rule: cast by hand (no-ops without autocast)
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_available(x.device, dtype) and _aligned(xd, wd)
+        # On CPU the loop is as fast or faster (addmm adds the bias in the product; 62 vs 78 ms forward and
+        # backward for the tiny preset's gate_up at 8,192 rows), and its host sync costs nothing there.
+        use_grouped_mm = x.device.type != "cpu" and grouped_mm_available(x.device, dtype) and _aligned(xd, wd)
     if use_grouped_mm:
         offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each group
         with torch.autocast(x.device.type, enabled=False):

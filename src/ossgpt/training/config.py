@@ -77,6 +77,9 @@ class TrainConfig:
         "orthogonalised momentum (training/muon.py), AdamW the rest; the same learning rate and weight decay",
         metavar="NAME",
     )  # fmt: skip
+    muon_ns_steps: int = _option(
+        5, "with muon: Newton-Schulz iterations per update (fewer: cheaper, the small singular values stay smaller)"
+    )
     learning_rate: float = _option(6e-4, "peak learning rate, reached after the warm-up")
     min_lr: float | None = _option(None, "learning rate at the end of the cosine decay (default: learning rate / 10)")
     warmup_steps: int = _option(200, "steps of linear learning-rate warm-up")
@@ -132,7 +135,7 @@ class TrainConfig:
         check(bool(self.data), "data", "a folder path")
         check(bool(self.out), "out", "a folder path")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "save_every",
-                     "log_every", "max_nan_steps"):  # fmt: skip
+                     "log_every", "max_nan_steps", "muon_ns_steps"):  # fmt: skip
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, "a positive integer")
         check(self.seed >= 0, "seed", ">= 0")
@@ -164,16 +167,17 @@ class TrainConfig:
 
 # What differs from the dataclass defaults (which suit `mini` and larger on GPUs), per preset.
 PRESET_DEFAULTS: dict[str, dict] = {
-    # Chosen by the runs in docs/recipe.md. ~1.35 s per step on 2 CPU cores (4,096 tokens, Muon included): 360
+    # Chosen by the runs in docs/recipe.md. ~1.24 s per step on 2 CPU cores (4,096 tokens, Muon included): 400
     # steps is about 8 minutes; with `--max-minutes` the run and its learning-rate decay end with the budget if
     # that comes first.
     "tiny": dict(
-        max_steps=360,
+        max_steps=400,
         batch_size=16,
         seq_len=256,
         optimizer="muon",
         learning_rate=6e-3,
         warmup_steps=20,
+        weight_decay=0.3,  # more than the 0.1 default: an 8-minute run sees its data ~1.7 times
         eval_every=100,
         eval_batches=8,
         save_every=100,

@@ -41,12 +41,15 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     after dividing by the Frobenius norm (so that s <= 1) five of them push every s towards 1.
     """
     transpose = matrix.size(-2) > matrix.size(-1)  # iterate on the wide orientation: the Gram matrix is smaller
-    x = matrix.mT if transpose else matrix
+    wide = matrix.mT if transpose else matrix
+    x = wide.reshape(-1, *wide.shape[-2:])  # baddbmm wants one batch dimension: [batch, rows, cols]
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
-        gram = x @ x.mT  # [..., rows, rows]
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = x @ x.mT  # [batch, rows, rows]
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2, one kernel
+        x = torch.baddbmm(x, poly, x, beta=a)  # a x + poly x
+    x = x.view(wide.shape)
     return x.mT if transpose else x
 
 

@@ -46,12 +46,18 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def build_optimizer(
-    model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float], name: str = "adamw"
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    name: str = "adamw",
+    ns_steps: int = 5,
 ) -> torch.optim.Optimizer:
     """AdamW over `model`'s parameters (the fused kernel on GPUs, torch's default implementation elsewhere), or
-    Muon for the attention and expert matrices with AdamW for the rest (`name="muon"`, see training.muon)."""
+    Muon for the attention and expert matrices with AdamW for the rest (`name="muon"`, `ns_steps` Newton-Schulz
+    iterations per update, see training.muon)."""
     if name == "muon":
-        return Muon(param_groups(model, weight_decay, muon=True), lr=learning_rate, betas=betas)
+        return Muon(param_groups(model, weight_decay, muon=True), lr=learning_rate, betas=betas, ns_steps=ns_steps)
     on_cuda = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=on_cuda or None)
 

@@ -98,7 +98,7 @@ class Trainer:
         self.bits_per_nat = meta["val_tokens"] / meta["val_bytes"] / math.log(2) if meta["val_bytes"] else None
         self.train_batches = TrainBatches(
             open_split(config.data, "train", config.seq_len), config.batch_size, config.seq_len, config.seed,
-            ctx.rank, ctx.world_size,
+            config.grad_accum_steps, ctx.rank, ctx.world_size,
         )  # fmt: skip
         self.val_batches = validation_batches(
             open_split(config.data, "val", config.seq_len), config.batch_size, config.seq_len, config.eval_batches,
@@ -112,7 +112,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir if ctx.is_main else None, config.max_steps, resume_step)
         self.model = distributed.parallelize(model, ctx, config.compile, self.logger.info)
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                         (config.beta1, config.beta2), config.optimizer)  # fmt: skip
+                                         (config.beta1, config.beta2), config.optimizer, config.muon_ns_steps)  # fmt: skip
         self.dtype = DTYPES[config.dtype]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.best_val_loss, self.nan_streak = 0, 0, math.inf, 0
