@@ -164,13 +164,13 @@ def test_clamped_swiglu_values():
     assert out[0, 1].item() == pytest.approx((0.5 + 1) * -1 * sig(-1.702), rel=1e-6)
 
 
-
 def test_clamped_swiglu_gradient_matches_finite_differences():
     # float64; entries inside the clamp range and beyond it on both sides, none near the kinks at +-limit
     inside = torch.rand(4, 8, dtype=torch.float64) * 12 - 6
     outside = (torch.rand(4, 8, dtype=torch.float64) + 8) * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(4)
     gate_up = torch.cat([inside, outside]).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: clamped_swiglu(t, alpha=1.702, limit=7.0), (gate_up,))
+
 
 def test_aux_losses_hand_computed():
     # 4 tokens, 2 experts, top-1. Logits give softmax probabilities p = sigmoid(logit0 - logit1).

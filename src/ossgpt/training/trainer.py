@@ -111,8 +111,10 @@ class Trainer:
         resume_step = None if state is None else state["step"]
         self.logger = RunLogger(self.run_dir if ctx.is_main else None, config.max_steps, resume_step)
         self.model = distributed.parallelize(model, ctx, config.compile, self.logger.info)
-        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                         (config.beta1, config.beta2), config.optimizer, config.muon_ns_steps)  # fmt: skip
+        self.optimizer = build_optimizer(
+            self.model, config.learning_rate, config.weight_decay, (config.beta1, config.beta2), config.optimizer,
+            config.muon_ns_steps,
+        )  # fmt: skip
         self.dtype = DTYPES[config.dtype]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.best_val_loss, self.nan_streak = 0, 0, math.inf, 0
