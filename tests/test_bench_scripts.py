@@ -54,3 +54,10 @@ def test_recipe_script(tmp_path, heldout):
     assert row["variant"] == "baseline" and row["steps"] >= 1 and row["tokens_seen"] == row["steps"] * 16 * 256
     assert 0 < row["heldout_bpb"] < 20 and 0 <= row["expert_load_cv"]
     assert "| baseline | `(defaults)` |" in out
+
+
+def test_int8_rows_script():
+    out = run_script("int8_rows.py", "--vocab", "256", "--hidden", "64", "--rows", "1", "4", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "4"]
+    assert all(len(row.split("|")) == 7 for row in rows)  # rows + four kernels
