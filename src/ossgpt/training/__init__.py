@@ -1,7 +1,7 @@
 """Training: `train(TrainConfig.for_preset("tiny", data=..., out=...))`, on one process or many (torchrun).
 
 config.py       TrainConfig (every field an `ossgpt train` flag), per-preset defaults, the model to train
-data.py         random training windows and fixed validation windows from a prepared data folder
+data.py         training windows in shuffled epochs, fixed validation windows, from a prepared data folder
 optim.py        the optimizer's parameter groups and the warm-up + cosine learning-rate schedule
 muon.py         Muon (orthogonalised momentum) for the hidden matrices, AdamW for the rest
 trainer.py      the loop: accumulation, autocast, clipping, NaN skipping, evaluation, saving

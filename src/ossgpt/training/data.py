@@ -107,12 +107,15 @@ class TrainBatches:
         self.grad_accum_steps, self.rank, self.world_size = grad_accum_steps, rank, world_size
         self.windows_per_epoch = max(1, (len(tokens) - seq_len + 1) // seq_len)
         self.max_offset = len(tokens) - self.windows_per_epoch * seq_len
+        self._epoch, self._epoch_starts = None, None  # the latest epoch's order: one permutation per epoch
 
     def epoch_starts(self, epoch: int) -> np.ndarray:
         """[windows_per_epoch] start of each window of `epoch`, in the order the epoch visits them."""
-        rng = np.random.default_rng([self.seed, epoch])
-        offset = rng.integers(0, self.max_offset + 1)
-        return offset + rng.permutation(self.windows_per_epoch) * self.seq_len
+        if epoch != self._epoch:  # a large split has millions of windows: shuffle them once, not every batch
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = rng.integers(0, self.max_offset + 1)
+            self._epoch, self._epoch_starts = epoch, offset + rng.permutation(self.windows_per_epoch) * self.seq_len
+        return self._epoch_starts
 
     def batch(self, step: int, micro_step: int) -> torch.Tensor:
         """[batch_size / world_size, seq_len] int64: rows rank::world_size of the global batch."""
