@@ -61,3 +61,9 @@ def test_int8_rows_script():
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "4"]
     assert all(len(row.split("|")) == 7 for row in rows)  # rows + four kernels
+
+
+def test_step_parts_script():
+    out = run_script("step_parts.py", "--quick")
+    parts = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert {"swiglu", "muon"} <= set(parts[1:])

@@ -64,7 +64,7 @@ def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
     """gate_up [..., 2I] with gate/up interleaved -> [..., I]."""
     # unbind rather than the slices [..., ::2] and [..., 1::2]: the backward of unbind writes the interleaved
     # gradient in one pass (a stack), where each slice's backward zero-fills a full [..., 2I] tensor and the
-    # two are then added: 65 -> 51 ms for the forward and backward of [8192, 1024] on 2 CPU cores.
+    # two are then added: 80 -> 63 ms for the forward and backward of [8192, 1024] on 2 CPU cores (bench/step_parts.py).
     gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
@@ -163,8 +163,8 @@ def grouped_linear(
     dtype = _matmul_dtype(x, weight)
     xd, wd = x.to(dtype), weight.to(dtype)  # grouped_mm has no autocast rule: cast by hand (no-ops without autocast)
     if use_grouped_mm is None:
-        # On CPU the loop is as fast or faster (addmm adds the bias in the product; 62 vs 78 ms forward and
-        # backward for the tiny preset's gate_up at 8,192 rows), and its host sync costs nothing there.
+        # On CPU the loop is faster (addmm adds the bias in the product; 57 vs 62 ms forward and backward for the
+        # tiny preset's gate_up at 8,192 rows, bench/step_parts.py), and its host sync costs nothing there.
         use_grouped_mm = x.device.type != "cpu" and grouped_mm_available(x.device, dtype) and _aligned(xd, wd)
     if use_grouped_mm:
         offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each group

@@ -1,0 +1,114 @@
+"""Three parts of a tiny-preset training step, each against the simpler form it replaced, in one process.
+
+  swiglu     the clamped SwiGLU's forward and backward on [8192, 1024] (the tiny step's gate/up rows): gate/up
+             split by unflatten + unbind (ossgpt) vs by the stride-2 slices [..., ::2], [..., 1::2]
+  experts    the gate/up projection of 4 experts, [8192, 256] x [4, 256, 1024] + bias, forward and backward:
+             one addmm per expert slice (ossgpt's choice on CPU) vs torch's grouped_mm
+  muon       Newton-Schulz over the tiny preset's 40 Muon matrices (ossgpt's baddbmm form) vs the same
+             iteration written as separate products, scales and sums
+
+    python bench/step_parts.py             # docs/recipe.md, round 3, quotes its table
+    python bench/step_parts.py --quick     # smoke run on small shapes
+Rounds alternate which side goes first; each row reports medians in milliseconds and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ossgpt.model.moe import clamped_swiglu, grouped_linear, grouped_mm_available
+from ossgpt.training.muon import NS_COEFFICIENTS, orthogonalize
+
+ALPHA, LIMIT = 1.702, 7.0
+
+
+def sliced_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """The reference: the same function with gate and up taken as stride-2 slices."""
+    gate, up = gate_up[..., ::2].clamp(max=LIMIT), gate_up[..., 1::2].clamp(min=-LIMIT, max=LIMIT)
+    return (up + 1) * (gate * torch.sigmoid(gate * ALPHA))
+
+
+def unfused_orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The reference: Newton-Schulz as separate products, scales and sums (same math as `orthogonalize`)."""
+    transpose = matrix.size(-2) > matrix.size(-1)
+    x = matrix.mT if transpose else matrix
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transpose else x
+
+
+def timed_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def workloads(quick: bool) -> dict:
+    """name -> (ossgpt's call, the reference call)."""
+    rows, hidden, width, experts = (512, 32, 64, 4) if quick else (8192, 256, 1024, 4)
+    gate_up = torch.randn(rows, width, requires_grad=True)
+    grad_out = torch.randn(rows, width // 2)
+
+    def swiglu(fn):
+        return lambda: fn(gate_up).backward(grad_out)
+
+    x = torch.randn(rows, hidden, requires_grad=True)
+    weight = torch.randn(experts, hidden, width, requires_grad=True)
+    bias = torch.randn(experts, width, requires_grad=True)
+    counts = torch.bincount(torch.randint(0, experts, (rows,), generator=torch.Generator().manual_seed(0)))
+    grad_y = torch.randn(rows, width)
+
+    def projection(use_grouped_mm):
+        return lambda: grouped_linear(x, weight, bias, counts, use_grouped_mm=use_grouped_mm).backward(grad_y)
+
+    # The tiny preset's Muon matrices per layer: gate_up [4, 256, 1024], down [4, 512, 256], q and o [256, 256],
+    # k and v [128, 256]; 4 layers.
+    shapes = [(4, 256, 1024), (4, 512, 256), (256, 256), (128, 256), (128, 256), (256, 256)]
+    if quick:
+        shapes = [(2, 16, 64), (16, 16)]
+    matrices = [torch.randn(shape) for shape in shapes * (1 if quick else 4)]
+
+    def muon(fn):
+        return lambda: [fn(m) for m in matrices]
+
+    work = {
+        "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
+        "muon": (muon(orthogonalize), muon(unfused_orthogonalize)),
+    }
+    if grouped_mm_available(x.device, x.dtype):
+        work["experts"] = (projection(False), projection(True))
+    return work
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, 2 rounds: checks the script works")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds (default 9, quick 2)")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 9)
+    work = workloads(args.quick)
+    samples = {name: ([], []) for name in work}
+    for pair in work.values():  # warm-up
+        pair[0](), pair[1]()
+    for r in range(rounds):
+        for name, (ours, reference) in work.items():
+            order = ((0, ours), (1, reference)) if r % 2 == 0 else ((1, reference), (0, ours))
+            for side, fn in order:
+                samples[name][side].append(timed_ms(fn))
+    print(f"{torch.get_num_threads()} threads, {rounds} rounds, median ms")
+    print("| part | ossgpt | reference | reference / ossgpt |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (ours, reference) in samples.items():
+        a, b = statistics.median(ours), statistics.median(reference)
+        print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
