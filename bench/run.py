@@ -361,6 +361,7 @@ def run(args) -> list[Row]:
         d_ours, d_hf = build_pair(config, seed=2)
         d_ours.eval(), d_hf.eval()
         d_int8 = quantize_for_decoding(d_ours)
+        d_dynamic = quantize_for_decoding(d_ours, dynamic_lm_head=True)
         prompt, batch, mask = decode_inputs(config, shapes)
         n = shapes.new_tokens
         ones = torch.ones_like(prompt)
@@ -370,10 +371,12 @@ def run(args) -> list[Row]:
         work += [
             ("decode.ours_fp32", lambda: n / timed(lambda: d_ours.generate(prompt, max_new_tokens=n))),
             ("decode.ours_int8", lambda: n / timed(lambda: d_int8.generate(prompt, max_new_tokens=n))),
+            ("decode.ours_dynamic", lambda: n / timed(lambda: d_dynamic.generate(prompt, max_new_tokens=n))),
             ("decode.floor_int8", lambda: n / timed(lambda: floor.generate(floor_prompt, max_new_tokens=n))),
             ("decode.hf", lambda: n / timed(lambda: hf_generate(d_hf, prompt, ones, n))),
-            ("decode_batch.ours_int8",
-             lambda: batch.shape[0] * n / timed(lambda: d_int8.generate(batch, attention_mask=mask, max_new_tokens=n))),
+            *[(f"decode_batch.ours_{name}",
+               lambda m=m: batch.shape[0] * n / timed(lambda: m.generate(batch, attention_mask=mask, max_new_tokens=n)))
+              for name, m in (("int8", d_int8), ("dynamic", d_dynamic))],
             ("decode_batch.hf", lambda: batch.shape[0] * n / timed(lambda: hf_generate(d_hf, batch, mask, n))),
         ]  # fmt: skip
     for _, fn in work:  # warm-up
@@ -430,15 +433,20 @@ def run(args) -> list[Row]:
             Row("decode.int8", f"{what}, batch 1, int8 weights (ossgpt) vs HF float32", "tokens/s",
                 med["decode.ours_int8"], med["decode.hf"], goal=">= 2x HF, >= 80% of bound", goal_ratio=2.0,
                 goal_bound=0.8, bound=bandwidth / decode_bytes_per_step(config, 1, context, "int8")),
+            Row("decode.dynamic", f"{what}, batch 1, int8 weights and int8 LM-head input (ossgpt int8-dynamic) vs "
+                "HF float32", "tokens/s", med["decode.ours_dynamic"], med["decode.hf"],
+                goal=">= 2x HF, >= 80% of bound", goal_ratio=2.0, goal_bound=0.8,
+                bound=bandwidth / decode_bytes_per_step(config, 1, context, "int8")),
             Row("decode.floor", f"{what}, batch 1, int8, the same layers at hidden 64 and vocabulary 512 (the "
                 "per-token cost of running the ops, not of moving weights)", "tokens/s", med["decode.floor_int8"],
                 goal="(bound)"),
-            Row("decode_batch.int8", f"{what}, batch {B} (left-padded), int8 vs ossgpt int8 batch 1", "tokens/s",
-                med["decode_batch.ours_int8"], med["decode.ours_int8"], reference_name="ossgpt batch 1",
-                goal=">= 5x batch 1", goal_ratio=5.0,
-                bound=B * bandwidth / decode_bytes_per_step(config, B, context, "int8")),
-            Row("decode_batch.hf", f"{what}, batch {B}: ossgpt int8 vs HF float32 batch {B}", "tokens/s",
-                med["decode_batch.ours_int8"], med["decode_batch.hf"], goal="(info)"),
+            *[Row(f"decode_batch.{name}", f"{what}, batch {B} (left-padded), {label} vs the same at batch 1",
+                  "tokens/s", med[f"decode_batch.ours_{name}"], med[f"decode.ours_{name}"],
+                  reference_name="ossgpt batch 1", goal=">= 5x batch 1", goal_ratio=5.0,
+                  bound=B * bandwidth / decode_bytes_per_step(config, B, context, "int8"))
+              for name, label in (("int8", "int8"), ("dynamic", "int8-dynamic"))],
+            Row("decode_batch.hf", f"{what}, batch {B}: ossgpt int8-dynamic vs HF float32 batch {B}", "tokens/s",
+                med["decode_batch.ours_dynamic"], med["decode_batch.hf"], goal="(info)"),
         ]  # fmt: skip
     if "memory" in wanted:
         rows.append(Row("memory", f"peak memory of a training step (B={shapes.batch}, T={shapes.seq_len}), above "

@@ -57,10 +57,12 @@ def test_recipe_script(tmp_path, heldout):
 
 
 def test_int8_rows_script():
-    out = run_script("int8_rows.py", "--vocab", "256", "--hidden", "64", "--rows", "1", "4", "--repeats", "1")
+    args = ("--vocab", "256", "--hidden", "64", "--rows", "1", "4", "--repeats", "1", "--cold")
+    out = run_script("int8_rows.py", *args)
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "4"]
-    assert all(len(row.split("|")) == 7 for row in rows)  # rows + four kernels
+    assert all(len(row.split("|")) == 9 for row in rows)  # rows + four kernels + ossgpt's two int8 linears
+    assert "weight read from memory" in out
 
 
 def test_step_parts_script():

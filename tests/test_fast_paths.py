@@ -4,6 +4,7 @@
   CPU flash attention + LSE sinks   vs  eager einsum attention
   grouped_mm expert matmuls         vs  a loop over the experts' slices; sorted MoE vs the per-expert loop
   int8 weight-only decoding         vs  float matmuls with the same (dequantized) weights
+  int8 dynamic (W8A8) LM head       vs  float64 products of the same integers, times the same scales
 and the benchmark script's smoke mode. Speed itself is measured by bench/run.py, never here.
 """
 
@@ -19,9 +20,12 @@ from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.inference.decode_fast import (
     Int8Experts,
     Int8Linear,
+    int8_dynamic_linear,
     int8_mm_available,
+    int_mm_available,
     quantize_for_decoding,
     quantize_int8,
+    quantize_rows,
 )
 from ossgpt.model.attention import allowed_keys, eager_attention, sdpa_attention
 from ossgpt.model.loss import linear_cross_entropy, reference_linear_cross_entropy
@@ -270,6 +274,49 @@ def test_int8_linear_matches_float_matmul_of_same_weights():
     assert_close(quantized(x), expected, rtol=rtol, atol=rtol)
 
 
+def test_quantize_rows_roundtrip_and_zero_rows():
+    x = torch.randn(5, 40) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 2.0])[:, None]
+    q, scales = quantize_rows(x)
+    assert q.dtype == torch.int8 and scales.shape == (5, 1)
+    assert (q.abs().amax(dim=1) == torch.tensor([127, 127, 127, 0, 127], dtype=torch.int8)).all()
+    assert ((q.float() * scales - x).abs() <= scales * 0.5 * (1 + 1e-6)).all()
+    assert not q[3].any() and torch.isfinite(scales).all()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["int_mm", "float fallback"])
+def test_int8_dynamic_linear_is_exact_integer_product(kernel, monkeypatch):
+    """W8A8: int8 x int8 summed exactly, then row scale x channel scale: against float64 of the same integers."""
+    if kernel and not int_mm_available(torch.device("cpu")):
+        pytest.skip("torch._int_mm is not available here")
+    if not kernel:
+        monkeypatch.setattr("ossgpt.inference.decode_fast.int_mm_available", lambda device: False)
+    torch.manual_seed(0)
+    w_q, w_scales = quantize_int8(torch.randn(48, 64))
+    for rows in (1, 3, 8):
+        x = torch.randn(2, rows, 64)
+        x_q, x_scales = quantize_rows(x.reshape(-1, 64))
+        expected = (x_q.double() @ w_q.double().T) * x_scales.double() * w_scales.double()
+        got = int8_dynamic_linear(x, w_q, w_scales)
+        assert got.shape == (2, rows, 48) and got.dtype == torch.float32
+        assert_close(got.reshape(-1, 48).double(), expected, rtol=1e-6, atol=1e-6)
+        # ... and within the activations' rounding of the float product: |error| <= x_scale / 2 * sum_k |w_k|.
+        w = dequantized(w_q, w_scales)
+        bound = 0.5 * x_scales * w.abs().sum(dim=1) * (1 + 1e-5) + 1e-6
+        assert ((got.reshape(-1, 48) - x.reshape(-1, 64) @ w.T).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("width", [8, 12, 16, 24, 40, 48])
+def test_int8_linear_any_input_width(width):
+    """Widths the int8 kernel mishandles (not multiples of 16) take the dequantized path, with the same result."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width, 20)
+    quantized = Int8Linear(linear)
+    for rows in (1, 5):
+        x = torch.randn(rows, width)
+        expected = F.linear(x, dequantized(quantized.qweight, quantized.scales), linear.bias)
+        assert_close(quantized(x), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_int8_experts_match_float_loop_of_same_weights():
     torch.manual_seed(0)
     config = small_config(hidden_size=64, intermediate_size=32)
@@ -307,6 +354,24 @@ def test_quantized_model_decodes_close_to_float():
     assert ((got - expected).abs().max() / expected.abs().max()) < 5e-2
     out = quantized.generate(ids[:1, :5], max_new_tokens=6)
     assert out.shape == (1, 11)
+
+
+@pytest.mark.parametrize("dynamic_lm_head", [False, True], ids=["weight-only", "dynamic LM head"])
+def test_quantized_model_cached_decoding_matches_its_full_forward(dynamic_lm_head):
+    # The int8 copy decoded token by token from its KV cache gives the logits of its own full forward pass, and
+    # with a dynamic LM head stays as close to float32 as the weight-only copy.
+    config = small_config(num_local_experts=2, num_experts_per_tok=2, hidden_size=64, intermediate_size=64,
+                          head_dim=16, vocab_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPTOSSForCausalLM(config).eval()
+    quantized = quantize_for_decoding(model, dynamic_lm_head=dynamic_lm_head)
+    assert isinstance(quantized.lm_head, Int8Linear) and quantized.lm_head.dynamic == dynamic_lm_head
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        full = quantized(ids).logits
+        assert ((full - model(ids).logits).abs().max() / model(ids).logits.abs().max()) < 5e-2
+        out = quantized.generate(ids, max_new_tokens=5)
+        assert torch.equal(out[:, 12:], quantized(out[:, :-1]).logits[:, 11:].argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------- bench smoke run

@@ -8,6 +8,10 @@ import torch
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.cli import generate as generate_cli
 from ossgpt.cli import main
+from ossgpt.errors import UserError
+from ossgpt.inference.decode_fast import quantize_for_decoding
+from ossgpt.inference.loading import quantize
+from ossgpt.quant.experts import use_mxfp4_experts
 from ossgpt.tokenizer import ByteTokenizer
 
 PROMPT = "Once upon a time"
@@ -45,6 +49,31 @@ def test_greedy_matches_model_generate(checkpoint, capsys):
     new = model.generate(ids, max_new_tokens=10, eos_token_id=tok.eot_token_id)[0, ids.shape[1] :].tolist()
     new = new[: new.index(tok.eot_token_id)] if tok.eot_token_id in new else new
     assert printed == PROMPT + tok.decode(new) + "\n"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_quantized_greedy_matches_the_quantized_model(checkpoint, capsys, mode):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", PROMPT, "--greedy", "--max-new-tokens",
+                 "10", "--quantize", mode]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+
+    tok = ByteTokenizer()
+    model = quantize_for_decoding(GPTOSSForCausalLM.from_pretrained(checkpoint), dynamic_lm_head=mode != "int8")
+    ids = torch.tensor([[tok.eot_token_id, *tok.encode(PROMPT)]])
+    new = model.generate(ids, max_new_tokens=10, eos_token_id=tok.eot_token_id)[0, ids.shape[1] :].tolist()
+    new = new[: new.index(tok.eot_token_id)] if tok.eot_token_id in new else new
+    assert printed == PROMPT + tok.decode(new) + "\n"
+
+
+def test_quantize_refuses_mxfp4_experts_and_unknown_modes():
+    model = GPTOSSForCausalLM(GPTOSSConfig(vocab_size=64, eos_token_id=0, hidden_size=32, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, num_local_experts=2, num_experts_per_tok=1))  # fmt: skip
+    with pytest.raises(UserError, match="unknown quantization"):
+        quantize(model, "int4")
+    use_mxfp4_experts(model)
+    with pytest.raises(UserError, match="does not combine with MXFP4"):
+        quantize(model, "int8")
 
 
 def test_streaming_prints_the_same_text(checkpoint, capsys, monkeypatch):

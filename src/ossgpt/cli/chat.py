@@ -24,7 +24,7 @@ from ossgpt.chat.session import HarmonyChat, open_chat
 from ossgpt.checkpoint import from_pretrained
 from ossgpt.errors import UserError
 from ossgpt.inference.generate import ContextFullError
-from ossgpt.inference.loading import resolve_checkpoint, resolve_device
+from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, quantize, resolve_checkpoint, resolve_device
 from ossgpt.inference.sampling import Sampler
 from ossgpt.tokenizer import load_tokenizer
 
@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep MXFP4 experts packed in memory (4.25 bits per weight) and dequantize them on the fly",
     )
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
     parser.add_argument(
         "--vocab-file",
         default=None,
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     directory = resolve_checkpoint(args.checkpoint)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = from_pretrained(directory, dtype=dtype, device=device, keep_mxfp4=args.mxfp4)
+    model = quantize(from_pretrained(directory, dtype=dtype, device=device, keep_mxfp4=args.mxfp4), args.quantize)
     tokenizer = load_tokenizer(model.config.tokenizer, directory=directory, vocab_file=args.vocab_file)
     today = datetime.date.today().isoformat()
     chat = open_chat(model, tokenizer, sampler, args.max_new_tokens, args.system, args.reasoning_effort, today)

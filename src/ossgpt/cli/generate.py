@@ -20,7 +20,7 @@ import torch
 
 from ossgpt.errors import UserError
 from ossgpt.inference.generate import stream
-from ossgpt.inference.loading import load_model_and_tokenizer
+from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, load_model_and_tokenizer
 from ossgpt.inference.sampling import check_sampling_args
 
 
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="where to run (default: cuda if available, else cpu)"
     )
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     if args.max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1, got {args.max_new_tokens}")
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=args.device, quantization=args.quantize)
 
     prompt_ids = [tokenizer.eot_token_id, *tokenizer.encode(args.prompt)]
     context = model.config.max_position_embeddings

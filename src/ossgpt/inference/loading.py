@@ -7,6 +7,10 @@ A checkpoint path may name either
 
 Context extension (`context_extension`): config overrides that set YaRN for F times the length a run trained on,
 used at load time by `ossgpt eval` and as the starting point of a long-context fine-tune by `ossgpt train`.
+
+Quantization for decoding (`quantize`, the `--quantize` option of `ossgpt generate` and `ossgpt chat`): the int8
+copy of ossgpt.inference.decode_fast, weight-only (`int8`) or with the LM head's input quantized too
+(`int8-dynamic`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
 from ossgpt.errors import UserError
+from ossgpt.inference.decode_fast import quantize_for_decoding
+from ossgpt.quant.experts import has_mxfp4_experts
 from ossgpt.tokenizer import load_tokenizer
 
 RUN_CHECKPOINT = "checkpoint"  # a training run's model directory, relative to the run directory
@@ -52,17 +58,41 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+QUANTIZE_MODES = ("int8", "int8-dynamic")
+QUANTIZE_HELP = (
+    "int8: int8 weights for the LM head, attention and experts (weight-only; ~4x fewer bytes per token than "
+    "float32); int8-dynamic: the same, and the LM head quantizes its input per token too (W8A8), the fastest on "
+    "CPU (default: off)"
+)
+
+
+def quantize(model, mode: str | None):
+    """`model` itself (mode None), or its int8 copy for decoding (mode one of QUANTIZE_MODES)."""
+    if mode is None:
+        return model
+    if mode not in QUANTIZE_MODES:
+        raise UserError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    if has_mxfp4_experts(model):
+        raise UserError("--quantize does not combine with MXFP4 experts (--mxfp4): pick one of the two")
+    return quantize_for_decoding(model, dynamic_lm_head=mode == "int8-dynamic")
+
+
 def load_model_and_tokenizer(
-    path: str | Path, device: str | None = "cpu", dtype: torch.dtype = torch.float32, **config_overrides
+    path: str | Path,
+    device: str | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    **config_overrides,
 ):
     """(model in eval mode, tokenizer) of the checkpoint at `path` (a model or training run directory).
 
     The tokenizer is the one the model's config names (`config.tokenizer`); a compact vocabulary is rebuilt from
-    the checkpoint's tokenizer.json. device=None picks CUDA when available. config_overrides change non-shape
-    config fields at load time (e.g. RoPE scaling for context extension).
+    the checkpoint's tokenizer.json. device=None picks CUDA when available. quantization: see `quantize`.
+    config_overrides change non-shape config fields at load time (e.g. RoPE scaling for context extension).
     """
     directory = resolve_checkpoint(path)
     model = from_pretrained(directory, dtype=dtype, device=resolve_device(device), **config_overrides)
+    model = quantize(model, quantization)
     tokenizer = load_tokenizer(model.config.tokenizer, directory=directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
