@@ -36,6 +36,7 @@ from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.checkpoint.hf_config import config_to_hf
 from ossgpt.inference.decode_fast import quantize_for_decoding
 from ossgpt.model.moe import Experts
+from ossgpt.training.host_memory import keep_freed_memory
 
 # What the trainer uses on CPU (float32; bfloat16 autocast measured slower here, see BENCHMARKS.md).
 DEFAULT_TRAIN_DTYPE = torch.float32
@@ -89,24 +90,6 @@ def build_hf(config: GPTOSSConfig):
 
     transformers.logging.set_verbosity_error()
     return transformers.GptOssForCausalLM(transformers.GptOssConfig(**config_to_hf(config)))
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (Linux/glibc only).
-
-    By default glibc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, so each training
-    step's big tensors (the [vocab, hidden] gradients, logits buffers) are paged in again, one page fault per
-    4 KiB: ~50 ms per 205 MB gradient on this machine. Raising the mmap and trim thresholds to 1 GiB lets the heap
-    reuse them. Peak memory is unchanged; the process just stops shrinking between steps. Returns success.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def fused_adamw(model):
@@ -251,6 +234,61 @@ def hf_generate(hf, ids, mask, new_tokens):
                        do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- training workers
+def use_side_defaults(side: str, keep_freed: bool) -> None:
+    """Set up this process as `side` runs by default: ossgpt as `ossgpt train` runs on CPU (freed memory kept for
+    reuse, ossgpt.training.host_memory), HF with glibc's defaults, unless --keep-freed-memory gives it the same."""
+    if (side.startswith("ours") or keep_freed) and not keep_freed_memory():
+        raise SystemExit("keeping freed memory needs glibc's mallopt")
+
+
+class TrainWorker:
+    """One side of the training rows in a process of its own, so that each side runs with its own defaults (see
+    `use_side_defaults`: the allocator setting is process-wide). The worker builds its model, takes one warm-up
+    step, then idles until asked for a timed step: one side runs at a time, and the rounds interleave the sides as
+    they do every other row."""
+
+    def __init__(self, side: str, quick: bool, keep_freed: bool):
+        cmd = [sys.executable, __file__, "--train-worker", side] + (["--quick"] if quick else [])
+        cmd += ["--keep-freed-memory"] if keep_freed else []
+        self.side = side
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._answer()  # "ready"
+
+    def _answer(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.side} training worker exited (code {self.process.wait()})")
+        return line.strip()
+
+    def tokens_per_second(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self._answer())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def train_worker(side: str, quick: bool) -> None:
+    """The worker's side of `TrainWorker`: one timed training step (tokens/s on stdout) per line on stdin."""
+    shapes = QUICK if quick else FULL
+    config = model_config(shapes)
+    ours, hf = build_pair(config)  # the same weights in every worker
+    model = hf if side == "hf" else ours
+    del ours, hf
+    ids = torch.randint(0, min(config.vocab_size, 100_000), (shapes.batch, shapes.seq_len),
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    optimizer = fused_adamw(model.train())
+    dtype = torch.bfloat16 if side == "ours_bf16" else DEFAULT_TRAIN_DTYPE
+    step = lambda: training_step(model, optimizer, ids, dtype, ours=side != "hf")  # noqa: E731
+    step()  # warm-up
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(shapes.batch * shapes.seq_len / timed(step), flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def peak_memory_child(side: str, quick: bool) -> None:
     """Run in a fresh process: build one side, take two training steps, print the peak resident memory above what
@@ -260,7 +298,7 @@ def peak_memory_child(side: str, quick: bool) -> None:
     ids = torch.randint(0, min(config.vocab_size, 100_000), (shapes.batch, shapes.seq_len))
     import transformers  # noqa: F401  (both sides import everything before the baseline is taken)
 
-    baseline = _status_bytes("VmRSS")
+    baseline = _status_bytes("VmRSS")  # (main() has set up the side's defaults: use_side_defaults)
     model = build_hf(config) if side == "hf" else GPTOSSForCausalLM(config)
     model.train()
     optimizer = fused_adamw(model)
@@ -327,7 +365,6 @@ def run(args) -> list[Row]:
     rounds = args.rounds or (1 if quick else 5)
     wanted = set(args.rows.split(",")) if args.rows else {"train", "moe", "decode", "memory"}
     config = model_config(shapes)
-    tokens = shapes.batch * shapes.seq_len
     samples: dict[str, list[float]] = {}
 
     def record(key, value):
@@ -335,20 +372,10 @@ def run(args) -> list[Row]:
 
     # Build everything once; each workload gets one untimed warm-up call.
     work = []  # (key, callable returning the measured value), run in this order every round
+    workers = []
     if "train" in wanted:
-        ours, hf = build_pair(config)
-        ours_bf16 = GPTOSSForCausalLM(config)
-        ours_bf16.load_state_dict(ours.state_dict())
-        ids = torch.randint(0, min(config.vocab_size, 100_000), (shapes.batch, shapes.seq_len))
-        opt_ours, opt_hf, opt_bf16 = fused_adamw(ours), fused_adamw(hf), fused_adamw(ours_bf16)
-        for m in (ours.train(), hf.train(), ours_bf16.train()):
-            m.train()
-        bf16 = torch.bfloat16
-        work += [
-            ("train.ours", lambda: tokens / timed(lambda: training_step(ours, opt_ours, ids, DEFAULT_TRAIN_DTYPE))),
-            ("train.hf", lambda: tokens / timed(lambda: training_step(hf, opt_hf, ids, ours=False))),
-            ("train.ours_bf16", lambda: tokens / timed(lambda: training_step(ours_bf16, opt_bf16, ids, bf16))),
-        ]
+        workers = [TrainWorker(side, quick, args.keep_freed_memory) for side in ("ours", "hf", "ours_bf16")]
+        work += [(f"train.{worker.side}", worker.tokens_per_second) for worker in workers]
     if "moe" in wanted:
         spec = shapes.moe
         moe_ours, moe_hf, x, indices, weights = moe_pair(spec)
@@ -388,6 +415,8 @@ def run(args) -> list[Row]:
         for key, fn in order:
             record(key, fn())
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    for worker in workers:
+        worker.close()
     if "memory" in wanted:
         for side in ("ours", "hf"):
             record(f"memory.{side}", measure_peak_memory(side, quick, args.keep_freed_memory))
@@ -482,15 +511,19 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
-        help="glibc: reuse freed memory instead of unmapping it (see keep_freed_memory); both sides",
+        help="glibc: reuse freed memory instead of unmapping it (ossgpt.training.host_memory) on both sides: the "
+        "reference too, and the rows measured in this process (MoE, decode)",
     )
     parser.add_argument("--memory-child", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--train-worker", choices=("ours", "hf", "ours_bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.keep_freed_memory and not keep_freed_memory():
-        raise SystemExit("--keep-freed-memory needs glibc's mallopt")
-    if args.memory_child:
-        peak_memory_child(args.memory_child, args.quick)
+    side = args.memory_child or args.train_worker
+    if side:
+        use_side_defaults(side, args.keep_freed_memory)
+        (peak_memory_child if args.memory_child else train_worker)(side, args.quick)
         return
+    if args.keep_freed_memory:
+        use_side_defaults("hf", keep_freed=True)
     started = time.time()
     rows = run(args)
     table = markdown(rows)

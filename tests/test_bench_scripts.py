@@ -65,6 +65,13 @@ def test_int8_rows_script():
     assert "weight read from memory" in out
 
 
+def test_lm_head_script():
+    out = run_script("lm_head.py", "--quick")
+    parts = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert parts[0] == "part" and parts[1] == "gemm 256^3" and len(parts) == 4
+    assert "linear_cross_entropy" in parts[3]
+
+
 def test_step_parts_script():
     out = run_script("step_parts.py", "--quick")
     parts = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]

@@ -245,6 +245,7 @@ def test_run_writes_its_records_and_a_loadable_checkpoint(tmp_path, data):
     assert recorded["max_steps"] == 4 and recorded["batch_size"] == 4 and recorded["dtype"] == "float32"
     log = (run / "train.log").read_text()
     assert "ossgpt 0.1.0" in log.splitlines()[0] and "torch " + torch.__version__ in log and "machine:" in log
+    assert "host memory: " in log  # on CPU the trainer keeps freed memory for reuse (or says why it cannot)
     # The checkpoint is a standard model directory, with its tokenizer: `ossgpt eval`/`generate` load it.
     model, tokenizer = load_model_and_tokenizer(run)
     assert model.config.vocab_size == 320 and tokenizer.spec == "bytes"

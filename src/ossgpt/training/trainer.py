@@ -50,6 +50,7 @@ from ossgpt.training.checkpoint import (
 )
 from ossgpt.training.config import TrainConfig, model_config_for
 from ossgpt.training.data import TrainBatches, open_split, read_meta, validation_batches
+from ossgpt.training.host_memory import keep_freed_memory
 from ossgpt.training.logger import RunLogger, environment_lines
 from ossgpt.training.optim import build_optimizer, lr_at, set_lr
 
@@ -88,6 +89,7 @@ class Trainer:
         )
         self.config, self.ctx = config, ctx
         self.run_dir = Path(config.out)
+        self.kept_freed_memory = config.keep_freed_memory and ctx.device.type == "cpu" and keep_freed_memory()
         if config.dtype == "float16" and ctx.mode == "fsdp":
             raise UserError(
                 "--dtype float16 needs loss scaling, which is not set up for --distributed fsdp; use bfloat16"
@@ -193,6 +195,9 @@ class Trainer:
             f"{config.grad_accum_steps}), {config.max_steps} steps"
             + (f", at most {config.max_minutes:g} minutes" if config.max_minutes else "")
         )
+        if config.keep_freed_memory and self.ctx.device.type == "cpu":
+            kept = "freed memory is kept for reuse (glibc mallopt)"
+            log.info("host memory: " + (kept if self.kept_freed_memory else "not glibc: freed memory is given back"))
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
