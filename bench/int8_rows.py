@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| rows | " + " | ".join(names) + " |")
     print("| ---: |" + " ---: |" * len(names))
     for rows, calls in results.items():
-        cells = [f"{timed_ms(call, args.repeats, evict):.2f}" if call else "n/a" for call in calls.values()]
+        cells = [f"{timed_ms(call, args.repeats, evict):.3f}" if call else "n/a" for call in calls.values()]
         print(f"| {rows} | " + " | ".join(cells) + " |")
 
 

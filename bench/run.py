@@ -16,6 +16,11 @@ bytes the work needs, see `train_flops_per_token`, `decode_bytes_per_step`) and 
 
 The reference is transformers' GptOssForCausalLM as it runs by default (eager attention, the `grouped_mm`
 experts dispatch), float32, loaded with the same weights. Both sides train with torch's fused AdamW.
+
+The training rows run each side in a worker process of its own (`TrainWorker`), still one at a time and
+interleaved: `ossgpt train` keeps freed memory for reuse on CPU (ossgpt.training.host_memory), a process-wide
+allocator setting, and each side is measured as it runs by default. The peak-memory row runs each side in a
+fresh process too. The MoE and decode rows run both sides in this process.
 """
 
 from __future__ import annotations
