@@ -1,4 +1,4 @@
-"""Three parts of a tiny-preset training step, each against the simpler form it replaced, in one process.
+"""Parts of a training step (and one of decoding), each against the simpler form it replaced, in one process.
 
   swiglu     the clamped SwiGLU's forward and backward on [8192, 1024] (the tiny step's gate/up rows): gate/up
              split by unflatten + unbind (ossgpt) vs by the stride-2 slices [..., ::2], [..., 1::2]
@@ -6,6 +6,11 @@
              one addmm per expert slice (ossgpt's choice on CPU) vs torch's grouped_mm
   muon       Newton-Schulz over the tiny preset's 40 Muon matrices (ossgpt's baddbmm form) vs the same
              iteration written as separate products, scales and sums
+  rmsnorm    1,000 RMSNorm calls on one decoded token's [1, 1, 512] (where its per-call cost shows), forward only:
+             torch's fused F.rms_norm on the float32 upcast (ossgpt) vs the formula step by step
+  expert-loop  the same projection at 32 experts ([4096, 512] x [32, 512, 1536], the MoE row of bench/run.py):
+             the per-expert addmm loop as ossgpt's autograd Function (products written into preallocated
+             outputs and gradients) vs the same loop left to autograd (split, addmm, cat)
 
     python bench/step_parts.py             # docs/recipe.md, round 3, quotes its table
     python bench/step_parts.py --quick     # smoke run on small shapes
@@ -21,6 +26,7 @@ import time
 import torch
 
 from ossgpt.model.moe import clamped_swiglu, grouped_linear, grouped_mm_available
+from ossgpt.model.norms import RMSNorm, rms_norm_reference
 from ossgpt.training.muon import NS_COEFFICIENTS, orthogonalize
 
 ALPHA, LIMIT = 1.702, 7.0
@@ -42,6 +48,13 @@ def unfused_orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transpose else x
+
+
+def autograd_loop(x, weight, bias, counts):
+    """The reference: one addmm per expert slice, joined by autograd (split, addmm, cat)."""
+    splits = counts.tolist()
+    outs = [torch.addmm(b, xe, w) for xe, w, b in zip(x.split(splits), weight.unbind(0), bias.unbind(0))]
+    return torch.cat(outs)
 
 
 def timed_ms(fn) -> float:
@@ -78,9 +91,33 @@ def workloads(quick: bool) -> dict:
     def muon(fn):
         return lambda: [fn(m) for m in matrices]
 
+    m_rows, m_hidden, m_width, m_experts = (256, 32, 64, 8) if quick else (4096, 512, 1536, 32)
+    mx = torch.randn(m_rows, m_hidden, requires_grad=True)
+    mw = torch.randn(m_experts, m_hidden, m_width, requires_grad=True)
+    mb = torch.randn(m_experts, m_width, requires_grad=True)
+    m_counts = torch.bincount(torch.randint(0, m_experts, (m_rows,), generator=torch.Generator().manual_seed(1)),
+                              minlength=m_experts)  # fmt: skip
+    m_grad = torch.randn(m_rows, m_width)
+
+    def expert_loop(fn):
+        return lambda: fn(mx, mw, mb, m_counts).backward(m_grad)
+
+    norm = RMSNorm(512)
+    token = torch.randn(1, 1, 512)
+
+    def rmsnorm(fn):
+        def run():
+            with torch.no_grad():
+                for _ in range(100 if quick else 1000):
+                    fn(token)
+
+        return run
+
     work = {
         "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
+        "rmsnorm": (rmsnorm(norm), rmsnorm(lambda t: rms_norm_reference(t, norm.weight, norm.eps))),
         "muon": (muon(orthogonalize), muon(unfused_orthogonalize)),
+        "expert-loop": (expert_loop(lambda *a: grouped_linear(*a, use_grouped_mm=False)), expert_loop(autograd_loop)),
     }
     if grouped_mm_available(x.device, x.dtype):
         work["experts"] = (projection(False), projection(True))

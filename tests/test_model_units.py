@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.model.attention import allowed_keys, eager_attention, sdpa_attention
 from ossgpt.model.moe import MoE, clamped_swiglu, load_balancing_loss, router_z_loss
+from ossgpt.model.norms import RMSNorm, rms_norm_reference
 from ossgpt.model.rope import rope_inv_freq
 
 
@@ -18,6 +19,28 @@ def small_config(**overrides):
                   intermediate_size=24, sliding_window=6, max_position_embeddings=128, rope_type="yarn",
                   rope_factor=4.0, rope_original_max_position_embeddings=32)  # fmt: skip
     return GPTOSSConfig(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_formula_and_float64(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(3, 5, 48) * 4).to(dtype).requires_grad_()
+    y = norm(x)
+    reference = rms_norm_reference(x, norm.weight, 1e-5)  # the formula, step by step in float32
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-6)
+    x64 = x.detach().double()
+    exact = norm.weight.double() * x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), exact.to(dtype).double(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-5 if dtype == torch.float32 else 1e-2)  # fmt: skip
+    grad = torch.randn_like(y)
+    (g_fast,) = torch.autograd.grad(y, x, grad)
+    (g_reference,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(g_fast, g_reference, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE / YaRN

@@ -35,6 +35,7 @@ a layer ~10x slower), whereas the backward of unbind stacks the E slices once.
 
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 
 import torch
@@ -172,12 +173,57 @@ def grouped_linear(
             out = _GROUPED_MM(xd, wd, offs=offsets)
         # One bias row per expert, repeated over its rows; output_size avoids a device->host sync.
         return out + bias.to(out.dtype).repeat_interleave(counts, dim=0, output_size=x.shape[0])
-    splits = counts.tolist()
-    outs = [
-        torch.addmm(b, xe, w) if n else xe.new_zeros(0, weight.shape[-1])
-        for xe, w, b, n in zip(x.split(splits), weight.unbind(0), bias.unbind(0), splits)
-    ]
-    return torch.cat(outs)
+    return _GroupedLinearLoop.apply(xd, wd, bias.to(dtype), counts.tolist())
+
+
+class _GroupedLinearLoop(torch.autograd.Function):
+    """One addmm per expert slice: x [M, in] (rows grouped by expert), weight [E, in, out], bias [E, out], splits
+    (rows per expert, a list) -> [M, out], all in one dtype.
+
+    Written out as a Function so that every product lands straight in its rows of one preallocated tensor: the
+    output forward; the input, weight and bias gradients backward. Left to autograd, the same loop (split, addmm,
+    cat) also copies the outputs together (cat), the input gradient's slices (split's backward) and the experts'
+    weight gradients (unbind's backward, a stack). `python bench/step_parts.py` times the two ("expert-loop");
+    tests/test_fast_paths.py checks them against each other.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, splits):
+        out = x.new_empty(x.shape[0], weight.shape[-1])
+        for e, rows in enumerate(_slices(splits)):
+            if rows.stop > rows.start:
+                torch.addmm(bias[e], x[rows], weight[e], out=out[rows])
+        ctx.save_for_backward(x, weight)
+        ctx.splits = splits
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = grad_out.new_empty(weight.shape[0], weight.shape[-1]) if need_b else None
+        for e, rows in enumerate(_slices(ctx.splits)):
+            if rows.stop == rows.start:  # an expert without rows: zero gradients
+                for grad in (grad_w, grad_b):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            g = grad_out[rows]
+            if need_x:
+                torch.mm(g, weight[e].t(), out=grad_x[rows])
+            if need_w:
+                torch.mm(x[rows].t(), g, out=grad_w[e])
+            if need_b:
+                torch.sum(g, dim=0, out=grad_b[e])
+        return grad_x, grad_w, grad_b, None
+
+
+def _slices(splits: list[int]) -> list[slice]:
+    """Row ranges of consecutive groups: [2, 0, 3] -> [0:2, 2:2, 2:5]."""
+    ends = list(itertools.accumulate(splits))
+    return [slice(end - n, end) for end, n in zip(ends, splits)]
 
 
 # torch >= 2.10 calls it F.grouped_mm; 2.8/2.9 have the private torch._grouped_mm (CUDA only before 2.9).
