@@ -25,12 +25,13 @@ Two dispatch implementations of the same function, chosen by `config.moe_impleme
   * `loop`: for each expert, gather its tokens, run the MLP, scatter back (the obviously correct reference);
   * `sorted`: sort the N*k assignments by expert so each expert's tokens are one contiguous slice, multiply
     every slice by its expert's weights in one grouped matmul (`grouped_linear`: torch's grouped_mm kernel on
-    an accelerator where this torch/dtype has one; on CPU, and elsewhere, one addmm per slice), and add the
-    weighted results back with one index_add.
+    an accelerator where this torch/dtype has one; on CPU, and elsewhere, one addmm per slice, with its backward
+    written out), and add the weighted results back with one index_add.
 
-Both index the stacked [E, ...] parameters per expert through `unbind`, not `weight[e]`: the backward of
-`weight[e]` materialises a zero [E, ...] gradient per expert (E^2 traffic; with 32 experts this alone made
-a layer ~10x slower), whereas the backward of unbind stacks the E slices once.
+Under autograd, the stacked [E, ...] parameters are indexed per expert through `unbind`, not `weight[e]`: the
+backward of `weight[e]` materialises a zero [E, ...] gradient per expert (E^2 traffic; with 32 experts this
+alone made a layer ~10x slower), whereas the backward of unbind stacks the E slices once. (The addmm loop of
+`grouped_linear` does its own backward and writes each expert's gradient into its slice directly.)
 """
 
 from __future__ import annotations
