@@ -65,12 +65,14 @@ def test_quantized_greedy_matches_the_quantized_model(checkpoint, capsys, mode):
     assert printed == PROMPT + tok.decode(new) + "\n"
 
 
-def test_quantize_refuses_mxfp4_experts_and_unknown_modes():
+def test_quantize_refuses_mxfp4_experts_other_devices_and_unknown_modes():
     model = GPTOSSForCausalLM(GPTOSSConfig(vocab_size=64, eos_token_id=0, hidden_size=32, intermediate_size=32,
                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                            head_dim=16, num_local_experts=2, num_experts_per_tok=1))  # fmt: skip
     with pytest.raises(UserError, match="unknown quantization"):
         quantize(model, "int4")
+    with pytest.raises(UserError, match="for decoding on the CPU, not meta"):
+        quantize(model.to("meta"), "int8")
     use_mxfp4_experts(model)
     with pytest.raises(UserError, match="does not combine with MXFP4"):
         quantize(model, "int8")

@@ -74,6 +74,9 @@ def quantize(model, mode: str | None):
         raise UserError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
     if has_mxfp4_experts(model):
         raise UserError("--quantize does not combine with MXFP4 experts (--mxfp4): pick one of the two")
+    if model.device.type != "cpu":  # the int8 kernels are CPU ones; elsewhere every call would dequantize
+        raise UserError(f"--quantize is for decoding on the CPU, not {model.device.type} (its int8 kernels are "
+                        "CPU ones); leave it out there, or add --device cpu")  # fmt: skip
     return quantize_for_decoding(model, dynamic_lm_head=mode == "int8-dynamic")
 
 
