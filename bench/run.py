@@ -527,7 +527,7 @@ def main(argv=None) -> None:
         use_side_defaults(side, args.keep_freed_memory)
         (peak_memory_child if args.memory_child else train_worker)(side, args.quick)
         return
-    if args.keep_freed_memory:
+    if args.keep_freed_memory:  # the rows measured in this process (MoE, decode): both sides keep freed memory
         use_side_defaults("hf", keep_freed=True)
     started = time.time()
     rows = run(args)

@@ -27,6 +27,7 @@ for the small attention and expert matrices the extra ops cost about what they s
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -81,46 +82,44 @@ def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
-_INT_MM_WORKS: dict[str, bool] = {}
-
-
 def int_mm_available(device: torch.device) -> bool:
     """Whether `torch._int_mm` takes one-row products on this device type and sums them exactly (probed once).
 
     CUDA's kernel wants more than 16 rows, so there decoding takes the float32 path instead."""
-    if device.type not in _INT_MM_WORKS:
-        works = hasattr(torch, "_int_mm")
-        if works:
-            try:
-                a = torch.arange(-63, 65, device=device, dtype=torch.int8).view(1, 128)
-                b = torch.arange(-127, 129, device=device).remainder(255).sub(127).to(torch.int8).view(128, 2)
-                expected = (a.double() @ b.double()).long()
-                works = bool(torch.equal(torch._int_mm(a, b).long(), expected))
-            except (RuntimeError, NotImplementedError):
-                works = False
-        _INT_MM_WORKS[device.type] = works
-    return _INT_MM_WORKS[device.type]
-
-
-_INT8_MM_WORKS: dict[str, bool] = {}
+    return _kernel_works("_int_mm", device.type)
 
 
 def int8_mm_available(device: torch.device) -> bool:
     """Whether `torch._weight_int8pack_mm` exists and is right on this device type (probed once, then cached)."""
-    if device.type not in _INT8_MM_WORKS:
-        works = hasattr(torch, "_weight_int8pack_mm")
-        if works:
-            try:
-                x = torch.linspace(-1, 1, 64, device=device).view(2, 32).to(torch.bfloat16)
-                w = torch.arange(-64, 64, device=device, dtype=torch.int8).view(4, 32)
-                scales = torch.tensor([0.5, 1.0, 2.0, 4.0], device=device, dtype=torch.bfloat16)
-                expected = x.float() @ (w.float() * scales.float()[:, None]).T
-                got = torch._weight_int8pack_mm(x, w, scales).float()
-                works = bool(torch.allclose(got, expected, rtol=2e-2, atol=2e-2))
-            except (RuntimeError, NotImplementedError):
-                works = False
-        _INT8_MM_WORKS[device.type] = works
-    return _INT8_MM_WORKS[device.type]
+    return _kernel_works("_weight_int8pack_mm", device.type)
+
+
+@functools.cache
+def _kernel_works(kernel: str, device_type: str) -> bool:
+    """Whether torch.<kernel> exists and gets its probe (`_PROBES`) right on this device type."""
+    if not hasattr(torch, kernel):
+        return False
+    try:
+        return _PROBES[kernel](torch.device(device_type))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _probe_int_mm(device: torch.device) -> bool:
+    a = torch.arange(-63, 65, device=device, dtype=torch.int8).view(1, 128)
+    b = torch.arange(-127, 129, device=device).remainder(255).sub(127).to(torch.int8).view(128, 2)
+    return bool(torch.equal(torch._int_mm(a, b).long(), (a.double() @ b.double()).long()))
+
+
+def _probe_int8pack_mm(device: torch.device) -> bool:
+    x = torch.linspace(-1, 1, 64, device=device).view(2, 32).to(torch.bfloat16)
+    w = torch.arange(-64, 64, device=device, dtype=torch.int8).view(4, 32)
+    scales = torch.tensor([0.5, 1.0, 2.0, 4.0], device=device, dtype=torch.bfloat16)
+    expected = x.float() @ (w.float() * scales.float()[:, None]).T
+    return bool(torch.allclose(torch._weight_int8pack_mm(x, w, scales).float(), expected, rtol=2e-2, atol=2e-2))
+
+
+_PROBES = {"_int_mm": _probe_int_mm, "_weight_int8pack_mm": _probe_int8pack_mm}
 
 
 class Int8Linear(nn.Module):

@@ -89,7 +89,8 @@ class Trainer:
         )
         self.config, self.ctx = config, ctx
         self.run_dir = Path(config.out)
-        self.kept_freed_memory = config.keep_freed_memory and ctx.device.type == "cpu" and keep_freed_memory()
+        # On CPU, whether glibc now keeps freed memory for reuse (None: not asked for here).
+        self.kept_freed_memory = keep_freed_memory() if config.keep_freed_memory and ctx.device.type == "cpu" else None
         if config.dtype == "float16" and ctx.mode == "fsdp":
             raise UserError(
                 "--dtype float16 needs loss scaling, which is not set up for --distributed fsdp; use bfloat16"
@@ -195,7 +196,7 @@ class Trainer:
             f"{config.grad_accum_steps}), {config.max_steps} steps"
             + (f", at most {config.max_minutes:g} minutes" if config.max_minutes else "")
         )
-        if config.keep_freed_memory and self.ctx.device.type == "cpu":
+        if self.kept_freed_memory is not None:
             kept = "freed memory is kept for reuse (glibc mallopt)"
             log.info("host memory: " + (kept if self.kept_freed_memory else "not glibc: freed memory is given back"))
 
