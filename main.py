@@ -1,13 +1,13 @@
-"""The seed's training script, now a thin wrapper over ossgpt: train a model on a train and an eval text file.
+"""The prototype's training script, now a thin wrapper over ossgpt: train a model on a train and an eval text file.
 
     python main.py --train_data train.txt --eval_data eval.txt --num_epochs 3 --batch_size 1 --grad_accum_steps 8 \
         --learning_rate 3e-4 --warmup_steps 500 --gradient_checkpointing
     torchrun --nproc_per_node=2 main.py ...                     (the same, data parallel over 2 processes)
     python main.py ... --preset tiny --max_steps 50 --seq_len 256      (a short CPU run)
 
-The text files are tokenized into OUT_DIR/data (ossgpt.training.data.prepare_train_eval) and the model trains into
+The text files are tokenized into OUT_DIR/data (ossgpt.data.prepare.prepare_train_eval) and the model trains into
 OUT_DIR with `ossgpt train`'s trainer; OUT_DIR/checkpoint then works with `ossgpt eval` and `ossgpt generate`.
-As in the seed, --batch_size counts sequences per process. --num_epochs sets the number of steps from the training
+As in the prototype, --batch_size counts sequences per process. --num_epochs sets the number of steps from the training
 tokens; --max_steps, if given, wins. Options left out take the preset's defaults (see `ossgpt train --help`).
 """
 
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from ossgpt.config import GPTOSSConfig
+from ossgpt.data.prepare import prepare_train_eval, read_meta
 from ossgpt.errors import UserError
 from ossgpt.training import TrainConfig, distributed, train
-from ossgpt.training.data import prepare_train_eval, read_meta
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up steps")
     parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (less memory)")
-    parser.add_argument("--preset", default="mini", help="model preset (default: mini, the seed's model)")
+    parser.add_argument("--preset", default="mini", help="model preset (default: mini, the prototype's model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the preset's)")
     parser.add_argument("--out_dir", default="runs/main", help="run folder (default: runs/main)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
@@ -55,20 +55,22 @@ def run(args: argparse.Namespace) -> None:
         for name in ("max_steps", "grad_accum_steps", "learning_rate", "warmup_steps", "seq_len")
         if getattr(args, name) is not None
     }
+    preset_tokenizer = GPTOSSConfig.from_preset(args.preset).tokenizer
+    tokenizer = args.tokenizer or preset_tokenizer
     config = TrainConfig.for_preset(
         args.preset,
         data=str(data_dir),
         out=str(out_dir),
         distributed="ddp" if world_size > 1 else "none",
         resume=args.resume,
-        force=not args.resume,  # as the seed did, a new run replaces the previous one
+        force=not args.resume,  # as the prototype did, a new run replaces the previous one
         gradient_checkpointing=args.gradient_checkpointing,
+        model_override=[] if tokenizer == preset_tokenizer else [f"tokenizer={tokenizer}"],
         **per_process_batch,
         **given,
     )  # checks every value before the (slow) tokenizing
     ctx = distributed.setup(config.distributed, config.device)
     if ctx.is_main and not (args.resume and data_dir.is_dir()):
-        tokenizer = args.tokenizer or GPTOSSConfig.from_preset(args.preset).tokenizer
         prepare_train_eval([args.train_data], [args.eval_data], data_dir, tokenizer)
     ctx.barrier()
     if args.num_epochs is not None and args.max_steps is None:

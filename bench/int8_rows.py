@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ossgpt.inference.decode_fast import int8_dynamic_linear, int8_linear
+from ossgpt.kernels.int8 import int8_dynamic_linear, int8_linear
 
 
 def timed_ms(fn, repeats: int, evict: torch.Tensor | None = None) -> float:

@@ -2,7 +2,7 @@
 
 The training row of bench/run.py counts every FLOP at the float32 rate of a 2048^3 product. 80% of those FLOPs
 are the LM head's: logits = x W^T, dx = dlogits W, dW = dlogits^T x, for 1,020 rows against the 100,352 x 512
-vocabulary, which the chunked loss (ossgpt.model.loss) forms 512 rows at a time. This measures, in one process:
+vocabulary, which the chunked loss (ossgpt.kernels.loss) forms 512 rows at a time. This measures, in one process:
 
   gemm 2048^3      the bound's own product, its FLOP/s
   lm-head gemms    the three products alone, per chunk as the loss runs them (into preallocated outputs)
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ossgpt.model.loss import linear_cross_entropy
+from ossgpt.kernels.loss import linear_cross_entropy
 from ossgpt.training.host_memory import keep_freed_memory
 
 

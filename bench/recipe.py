@@ -55,8 +55,11 @@ VARIANTS: dict[str, list[str]] = {
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     label = f"{name} ({args.tag})" if args.tag else name
     out = Path(args.runs) / (f"{name}_{args.tag}" if args.tag else name)
+    # tiny's shape on the data's vocabulary, whichever it is (--tag says when it is not tiny's own)
+    tokenizer = json.loads((Path(args.data) / "meta.json").read_text())["tokenizer"]
     train = [sys.executable, "-m", "ossgpt", "train", "--data", args.data, "--out", str(out), "--preset", "tiny",
-             "--max-minutes", str(args.minutes), "--max-steps", "1000000", "--force", *VARIANTS[name]]  # fmt: skip
+             "--model-override", f"tokenizer={tokenizer}", "--max-minutes", str(args.minutes), "--max-steps",
+             "1000000", "--force", *VARIANTS[name]]  # fmt: skip
     if not args.score_only:
         subprocess.run(train, check=True, stdout=subprocess.DEVNULL)
     evaluate = [sys.executable, "-m", "ossgpt", "eval", "--checkpoint", str(out), *args.heldout, "--json"]

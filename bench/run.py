@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.checkpoint.hf_config import config_to_hf
-from ossgpt.inference.decode_fast import quantize_for_decoding
 from ossgpt.model.moe import Experts
+from ossgpt.quant.int8 import quantize_for_decoding
 from ossgpt.training.host_memory import keep_freed_memory
 
 # What the trainer uses on CPU (float32; bfloat16 autocast measured slower here, see BENCHMARKS.md).

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from ossgpt.model.moe import clamped_swiglu, grouped_linear, grouped_mm_available
+from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
+from ossgpt.model.moe import clamped_swiglu
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
 from ossgpt.training.muon import NS_COEFFICIENTS, orthogonalize
 

@@ -1,9 +1,13 @@
-"""Config presets, validation and the seed's names."""
+"""Config presets, validation, the split from runtime options, and the prototype's names."""
 
 import pytest
 import torch
 
-from ossgpt import GPTOSSConfig, GPTOSSConfigMini, GPTOSSForCausalLM
+from ossgpt import GPTOSSConfig, GPTOSSConfigMini, GPTOSSForCausalLM, RuntimeOptions
+from ossgpt.config import FORMER_RUNTIME_FIELDS
+from ossgpt.presets import PRESETS
+from ossgpt.tokenizer import ByteTokenizer
+from ossgpt.training import TrainConfig
 
 
 def count_parameters(config):
@@ -11,7 +15,7 @@ def count_parameters(config):
         return GPTOSSForCausalLM(config).num_parameters()
 
 
-def test_mini_matches_the_seed_shape():
+def test_mini_matches_the_prototype_shape():
     config = GPTOSSConfigMini()
     assert (config.num_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (
         4,
@@ -22,7 +26,7 @@ def test_mini_matches_the_seed_shape():
     assert (config.num_experts, config.num_experts_per_token, config.intermediate_size) == (4, 2, 768)
     assert config.vocab_size == 100_352 and config.vocab_size % 128 == 0 and config.eos_token_id == 100_257
     assert config.max_position_embeddings == 2048 and config.rope_type == "yarn" and config.tie_word_embeddings
-    # 73,452,080 = the seed's 73,369,088 + 96 padding rows * 512 + 32,768 expert biases + 1,072 (see config.py).
+    # 73,452,080 = the prototype's 73,369,088 + 96 padding rows * 512 + 32,768 expert biases + 1,072 (see presets.py).
     assert count_parameters(config) == 73_452_080
 
 
@@ -70,13 +74,13 @@ def test_unknown_preset():
         GPTOSSConfig.from_preset("huge")
 
 
-def test_seed_keyword_constructor():
+def test_prototype_keyword_constructor():
     model = GPTOSSForCausalLM(vocab_size=1000, hidden_size=64, num_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=96, num_experts=4, num_experts_per_token=2,
                               eos_token_id=999)  # fmt: skip
     assert len(model.layers) == 2 and model.config.num_experts == 4 and model.config.layer_types == [
         "sliding_attention", "full_attention"]  # fmt: skip
-    # The seed's vocab_size=100256 cannot hold <|endoftext|> (100257): padded to the next multiple of 128.
+    # The prototype's vocab_size=100256 cannot hold <|endoftext|> (100257): padded to the next multiple of 128.
     with torch.device("meta"):
         assert GPTOSSForCausalLM(vocab_size=100_256, num_layers=1).config.vocab_size == 100_352
 
@@ -86,3 +90,35 @@ def test_dict_round_trip_and_unknown_fields():
     assert GPTOSSConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="bogus"):
         GPTOSSConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+def test_former_runtime_fields_are_options_now():
+    """A config.json written before the split (runtime switches inside) still loads; the switches are options."""
+    config = GPTOSSConfig.from_preset("tiny")
+    assert not set(FORMER_RUNTIME_FIELDS) & set(config.to_dict())
+    old = {**config.to_dict(), "attn_implementation": "eager", "moe_implementation": "loop",
+           "gradient_checkpointing": True, "loss_chunk_size": 0}  # fmt: skip
+    assert GPTOSSConfig.from_dict(old) == config
+    for bad in (dict(attention="flash"), dict(experts="grouped"), dict(gradient_checkpointing="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RuntimeOptions(**bad)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_one_valid_table(name):
+    """Model, tokenizer and training recipe together: a valid model config, a valid run of the recipe."""
+    preset = PRESETS[name]
+    config = GPTOSSConfig.from_preset(name)
+    assert config.tokenizer == preset.model["tokenizer"]
+    run = TrainConfig.for_preset(name, data="d", out="o")
+    assert all(getattr(run, key) == value for key, value in preset.train.items())
+
+
+def test_tiny_vocabulary_holds_its_compact_tokenizer():
+    """tiny's vocabulary needs no fitting to the data: a compact cl100k_base:8192 tokenizer has bytes, then
+    <|endoftext|>, then at most 8,192 kept tokens."""
+    config = GPTOSSConfig.from_preset("tiny")
+    base, size = config.tokenizer.split(":")
+    assert (base, int(size)) == ("cl100k_base", 8192)
+    assert ByteTokenizer().vocab_size + 8192 <= config.vocab_size and config.vocab_size % 64 == 0
+    assert config.eos_token_id == ByteTokenizer().eot_token_id

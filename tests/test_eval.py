@@ -53,8 +53,12 @@ def run_dir(tmp_path_factory):
     ByteTokenizer().save(root / "checkpoint")
     data = root / "data"
     data.mkdir()
-    np.frombuffer(b"the training text, the end", dtype=np.uint8).astype(np.uint32).tofile(data / "train.bin")
-    (data / "meta.json").write_text(json.dumps({"tokenizer": "bytes"}))
+    train = b"the training text, the end"
+    np.frombuffer(train, dtype=np.uint8).astype(np.uint32).tofile(data / "train.bin")
+    ByteTokenizer().save(data)
+    meta = {"tokenizer": "bytes", "vocab_size": 257, "eot_token_id": 256, "train_tokens": len(train),
+            "val_tokens": 0, "val_bytes": 0}  # fmt: skip
+    (data / "meta.json").write_text(json.dumps(meta))
     return root
 
 

@@ -1,4 +1,4 @@
-"""Every fast path against the slow, obviously correct one it replaces: forward values and gradients.
+"""Every kernel of ossgpt.kernels against the plain computation of ossgpt.model it replaces: values and gradients.
 
   chunked linear cross-entropy      vs  F.linear + F.cross_entropy (and the model's two loss paths)
   CPU flash attention + LSE sinks   vs  eager einsum attention
@@ -16,34 +16,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
-from ossgpt.inference.decode_fast import (
-    Int8Experts,
-    Int8Linear,
-    int8_dynamic_linear,
-    int8_mm_available,
-    int_mm_available,
-    quantize_for_decoding,
-    quantize_int8,
-    quantize_rows,
-)
-from ossgpt.model.attention import allowed_keys, eager_attention, sdpa_attention
-from ossgpt.model.loss import linear_cross_entropy, reference_linear_cross_entropy
-from ossgpt.model.moe import (
-    Experts,
-    MoE,
-    grouped_linear,
-    grouped_mm_available,
-    load_balancing_loss,
-    router_z_loss,
-)
+from ossgpt import GPTOSSConfig, GPTOSSForCausalLM, RuntimeOptions
+from ossgpt.kernels import attention as attention_kernels
+from ossgpt.kernels import experts as expert_kernels
+from ossgpt.kernels.attention import sdpa_attention
+from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
+from ossgpt.kernels.int8 import int8_dynamic_linear, int8_mm_available, int_mm_available, quantize_int8, quantize_rows
+from ossgpt.kernels.loss import linear_cross_entropy
+from ossgpt.model.attention import allowed_keys, eager_attention
+from ossgpt.model.moe import Experts, MoE, load_balancing_loss, router_z_loss
+from ossgpt.quant.int8 import Int8Experts, Int8Linear, quantize_for_decoding
+
+CHUNKED = RuntimeOptions(loss_chunk_size=7)  # chunks smaller than the test batches
 
 
 def small_config(**overrides):
     values = dict(vocab_size=97, eos_token_id=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-                  intermediate_size=24, sliding_window=6, max_position_embeddings=128, loss_chunk_size=7)  # fmt: skip
+                  intermediate_size=24, sliding_window=6, max_position_embeddings=128)  # fmt: skip
     return GPTOSSConfig(**{**values, **overrides})
+
+
+def plain_linear_cross_entropy(x, weight, labels):
+    """The textbook loss the chunked kernel replaces: all the logits, then F.cross_entropy."""
+    return F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=-100)
 
 
 def grads_of(fn, *tensors):
@@ -67,7 +63,7 @@ def test_chunked_cross_entropy_matches_reference(chunk):
     x, w = torch.randn(N, H), torch.randn(V, H) * 0.3
     labels = torch.randint(0, V, (N,))
     labels[[0, 4, 5]] = -100
-    ref, ref_grads = grads_of(lambda x, w: reference_linear_cross_entropy(x, w, labels), x, w)
+    ref, ref_grads = grads_of(lambda x, w: plain_linear_cross_entropy(x, w, labels), x, w)
     out, grads = grads_of(lambda x, w: linear_cross_entropy(x, w, labels, chunk_size=chunk), x, w)
     assert_close(out, ref)
     for a, b in zip(grads, ref_grads):  # includes an incoming gradient != 1 (the fixed random weight)
@@ -78,10 +74,10 @@ def test_chunked_cross_entropy_without_grad_and_all_ignored():
     x, w = torch.randn(6, 8), torch.randn(11, 8)
     labels = torch.randint(0, 11, (6,))
     with torch.no_grad():
-        assert_close(linear_cross_entropy(x, w, labels, 4), reference_linear_cross_entropy(x, w, labels))
+        assert_close(linear_cross_entropy(x, w, labels, 4), plain_linear_cross_entropy(x, w, labels))
     ignored = torch.full((6,), -100)
     assert linear_cross_entropy(x, w, ignored, 4).isnan()  # 0/0, as F.cross_entropy
-    assert reference_linear_cross_entropy(x, w, ignored).isnan()
+    assert plain_linear_cross_entropy(x, w, ignored).isnan()
 
 
 def test_chunked_cross_entropy_under_bf16_autocast():
@@ -89,7 +85,7 @@ def test_chunked_cross_entropy_under_bf16_autocast():
     x, w = torch.randn(20, 32), torch.randn(40, 32) * 0.2
     labels = torch.randint(0, 40, (20,))
     results = []
-    for fn in (reference_linear_cross_entropy, lambda *a: linear_cross_entropy(*a, chunk_size=8)):
+    for fn in (plain_linear_cross_entropy, lambda *a: linear_cross_entropy(*a, chunk_size=8)):
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fn(xg, wg, labels)
@@ -110,7 +106,7 @@ def test_model_chunked_loss_equals_logits_loss(tied):
     results = []
     for return_logits in (True, False):
         torch.manual_seed(0)
-        model = GPTOSSForCausalLM(config)
+        model = GPTOSSForCausalLM(config, CHUNKED)
         out = model(ids, labels=labels, return_logits=return_logits)
         assert (out.logits is None) == (not return_logits)
         out.loss.backward()
@@ -120,14 +116,17 @@ def test_model_chunked_loss_equals_logits_loss(tied):
         assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_chunk_size_zero_uses_reference_path():
-    model = GPTOSSForCausalLM(small_config(loss_chunk_size=0))
+def test_loss_chunk_size_zero_uses_the_plain_loss(monkeypatch):
+    model = GPTOSSForCausalLM(small_config(), RuntimeOptions(loss_chunk_size=0))
     ids = torch.randint(0, 97, (2, 9))
-    out = model(ids, labels=ids, return_logits=False)
+    with monkeypatch.context() as patched:
+        patched.setattr("ossgpt.model.model.linear_cross_entropy", lambda *a, **k: pytest.fail("chunked loss ran"))
+        out = model(ids, labels=ids, return_logits=False)
     assert out.logits is None
     assert_close(out.lm_loss, model(ids, labels=ids).lm_loss)
-    with pytest.raises(ValueError, match="loss_chunk_size"):
-        small_config(loss_chunk_size=-1)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="loss_chunk_size"):
+            RuntimeOptions(loss_chunk_size=bad)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -163,9 +162,7 @@ def test_sdpa_attention_matches_eager(case):
 
 def test_sdpa_attention_without_kernel_gqa(monkeypatch):
     """Older CPU flash kernels need one key/value head per query head: the repeated-heads path is right too."""
-    from ossgpt.model import attention
-
-    monkeypatch.setattr(attention, "_cpu_flash_takes_gqa", lambda: False)
+    monkeypatch.setattr(attention_kernels, "_cpu_flash_takes_gqa", lambda: False)
     test_sdpa_attention_matches_eager("gqa4-left-padded")
 
 
@@ -239,9 +236,7 @@ def test_loop_grouped_linear_under_autocast():
 
 
 def test_grouped_mm_probe_leaves_the_random_stream_alone():
-    from ossgpt.model import moe
-
-    moe._GROUPED_MM_WORKS.clear()
+    expert_kernels._GROUPED_MM_WORKS.clear()
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
@@ -251,10 +246,8 @@ def test_grouped_mm_probe_leaves_the_random_stream_alone():
 
 def test_grouped_mm_probe_inside_a_checkpointed_block():
     """The first MoE call probes grouped_mm; inside gradient checkpointing that must not record anything."""
-    from ossgpt.model import moe
-
-    moe._GROUPED_MM_WORKS.clear()
-    model = GPTOSSForCausalLM(small_config(gradient_checkpointing=True)).train()
+    expert_kernels._GROUPED_MM_WORKS.clear()
+    model = GPTOSSForCausalLM(small_config(), RuntimeOptions(gradient_checkpointing=True)).train()
     ids = torch.randint(0, 97, (2, 8))
     model(ids, labels=ids, return_logits=False).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -266,7 +259,8 @@ def test_sorted_moe_equals_loop_many_experts(experts, top_k):
     results = {}
     for impl in ("loop", "sorted"):
         torch.manual_seed(0)
-        moe = MoE(config.replace(moe_implementation=impl))
+        moe = MoE(config)
+        moe.experts.kernel = impl
         with torch.no_grad():
             for p in moe.parameters():
                 p.normal_(0, 0.2)
@@ -326,7 +320,7 @@ def test_int8_dynamic_linear_is_exact_integer_product(kernel, monkeypatch):
     if kernel and not int_mm_available(torch.device("cpu")):
         pytest.skip("torch._int_mm is not available here")
     if not kernel:
-        monkeypatch.setattr("ossgpt.inference.decode_fast.int_mm_available", lambda device: False)
+        monkeypatch.setattr("ossgpt.kernels.int8.int_mm_available", lambda device: False)
     torch.manual_seed(0)
     w_q, w_scales = quantize_int8(torch.randn(48, 64))
     for rows in (1, 3, 8):
@@ -362,7 +356,7 @@ def test_int8_experts_match_float_loop_of_same_weights():
         for p in experts.parameters():
             p.normal_(0, 0.2)
     quantized = Int8Experts(experts, config)
-    reference = Experts(config.replace(moe_implementation="loop"))
+    reference = Experts(config, kernel="loop")
     with torch.no_grad():
         gate_up = zip(quantized.gate_up_qweight, quantized.gate_up_scales)
         reference.gate_up_proj.copy_(torch.stack([dequantized(q, s).T for q, s in gate_up]))

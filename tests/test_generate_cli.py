@@ -9,10 +9,10 @@ from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.cli import generate as generate_cli
 from ossgpt.cli import main
 from ossgpt.errors import UserError
-from ossgpt.inference.decode_fast import quantize_for_decoding
 from ossgpt.inference.loading import quantize
-from ossgpt.quant.experts import use_mxfp4_experts
-from ossgpt.tokenizer import ByteTokenizer
+from ossgpt.quant.int8 import quantize_for_decoding
+from ossgpt.quant.mxfp4 import use_mxfp4_experts
+from ossgpt.tokenizer import ByteTokenizer, TextStream
 
 PROMPT = "Once upon a time"
 SMILE = "héllo 🙂"  # 1-, 2- and 4-byte UTF-8 characters
@@ -88,11 +88,11 @@ def test_streaming_prints_the_same_text(checkpoint, capsys, monkeypatch):
     assert terminal.getvalue() == at_end  # same seed, same sample, whether streamed or not
 
 
-def test_decode_stream_holds_back_cut_characters():
-    pieces = list(generate_cli.decode_stream(ByteTokenizer(), list(SMILE.encode())))
+def test_text_stream_holds_back_cut_characters():
+    pieces = list(TextStream(ByteTokenizer()).add_all(SMILE.encode()))
     assert "".join(pieces) == SMILE
-    assert [p for p in pieces if p] == list(SMILE)  # each character printed once, whole, when its last byte came
-    assert "".join(generate_cli.decode_stream(ByteTokenizer(), [0xF0, 0x9F, 300])) == "\ufffd\ufffd"  # cut, unknown
+    assert pieces == list(SMILE)  # each character printed once, whole, when its last byte came
+    assert "".join(TextStream(ByteTokenizer()).add_all([0xF0, 0x9F, 300])) == "\ufffd\ufffd"  # cut, unknown
 
 
 def test_streamed_split_utf8_prints_exact_text(checkpoint, monkeypatch):

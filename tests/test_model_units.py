@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
-from ossgpt.model.attention import allowed_keys, eager_attention, sdpa_attention
+from ossgpt import GPTOSSConfig, GPTOSSForCausalLM, RuntimeOptions
+from ossgpt.kernels.attention import sdpa_attention
+from ossgpt.model.attention import allowed_keys, eager_attention
 from ossgpt.model.moe import MoE, clamped_swiglu, load_balancing_loss, router_z_loss
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
 from ossgpt.model.rope import rope_inv_freq
@@ -151,8 +152,9 @@ def naive_moe(moe, x):
 @pytest.mark.parametrize("experts,top_k", [(2, 1), (4, 2), (8, 4), (3, 3)])
 def test_moe_matches_per_token_loop(impl, experts, top_k):
     torch.manual_seed(0)
-    config = small_config(num_local_experts=experts, num_experts_per_tok=top_k, moe_implementation=impl)
+    config = small_config(num_local_experts=experts, num_experts_per_tok=top_k)
     moe = MoE(config).double()
+    moe.experts.kernel = impl
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.3)
@@ -167,7 +169,8 @@ def test_sorted_and_loop_moe_gradients_agree():
     grads = {}
     for impl in ("loop", "sorted"):
         torch.manual_seed(0)
-        moe = MoE(config.replace(moe_implementation=impl))
+        moe = MoE(config)
+        moe.experts.kernel = impl
         with torch.no_grad():
             for p in moe.parameters():
                 p.normal_(0, 0.2)
@@ -235,7 +238,7 @@ def test_router_jitter_only_in_training():
 def test_cached_decoding_equals_full_forward(attn):
     """Logits of every decode step from the cache equal a full forward over the whole sequence, past the window."""
     torch.manual_seed(0)
-    model = GPTOSSForCausalLM(small_config(attn_implementation=attn)).eval()
+    model = GPTOSSForCausalLM(small_config(), RuntimeOptions(attention=attn)).eval()
     ids = torch.randint(0, 97, (2, 30))
     from ossgpt.model.cache import KVCache
 
@@ -310,7 +313,7 @@ def test_gradient_checkpointing_same_loss_and_gradients():
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = GPTOSSForCausalLM(config.replace(gradient_checkpointing=checkpointing)).train()
+        model = GPTOSSForCausalLM(config, RuntimeOptions(gradient_checkpointing=checkpointing)).train()
         ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
         loss = model(ids, labels=ids).loss
         loss.backward()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ossgpt import GPTOSSForCausalLM
 from ossgpt.checkpoint.hf_config import config_from_hf
 from ossgpt.errors import UserError
-from ossgpt.quant.experts import MXFP4Experts
+from ossgpt.quant.mxfp4 import MXFP4Experts
 
 transformers = pytest.importorskip("transformers", reason="transformers (the reference dequantizer) is not installed")
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
@@ -58,7 +58,7 @@ def hf_dequantize_rows(blocks, scales) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- the format
 def test_hand_worked_bytes():
     """Byte 0x21 holds code 1 (0.5) in its low nibble, then code 2 (1.0); 0x9F holds code 15 (-6) then 9 (-0.5)."""
-    from ossgpt.quant.mxfp4 import dequantize
+    from ossgpt.kernels.mxfp4 import dequantize
 
     blocks = torch.zeros(1, 16, dtype=torch.uint8)
     blocks[0, 0], blocks[0, 1] = 0x21, 0x9F
@@ -70,7 +70,7 @@ def test_hand_worked_bytes():
 @settings(max_examples=30, deadline=None)
 @given(experts=st.integers(1, 3), rows=st.integers(1, 5), groups=st.integers(1, 3), seed=st.integers(0, 2**31))
 def test_dequantize_matches_transformers(experts, rows, groups, seed):
-    from ossgpt.quant.mxfp4 import dequantize, dequantize_experts
+    from ossgpt.kernels.mxfp4 import dequantize, dequantize_experts
 
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (experts, rows, groups, 16), dtype=torch.uint8, generator=g)
@@ -230,7 +230,7 @@ def test_keep_mxfp4_stays_packed_and_dequantizes_only_routed_experts(published, 
     with torch.no_grad():
         assert torch.allclose(packed(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
-    import ossgpt.quant.experts as quant_experts
+    import ossgpt.quant.mxfp4 as quant_experts
 
     calls = []
     real = quant_experts.dequantize

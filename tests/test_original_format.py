@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ossgpt import GPTOSSForCausalLM
+from ossgpt import GPTOSSForCausalLM, RuntimeOptions
 from ossgpt.checkpoint.pretrained import detect_format
 from ossgpt.errors import UserError
-from ossgpt.quant.experts import MXFP4Experts
+from ossgpt.quant.mxfp4 import MXFP4Experts
 from test_mxfp4 import hf_dequantize_rows, pack_mxfp4, published_config, reference_model, write_published_mxfp4
 
 IDS = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(1))  # longer than the window of 8
@@ -164,7 +164,7 @@ def test_matches_the_reference_implementation(original):
     expected = reference_forward(tensors, config, IDS)
     with torch.no_grad():
         for implementation in ("eager", "sdpa"):
-            loaded = GPTOSSForCausalLM.from_pretrained(root, attn_implementation=implementation)
+            loaded = GPTOSSForCausalLM.from_pretrained(root, options=RuntimeOptions(attention=implementation))
             assert relative_error(loaded(IDS[None]).logits[0], expected) < 1e-5
 
 

@@ -15,24 +15,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ossgpt
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.checkpoint import from_pretrained
 from ossgpt.cli import main
 from ossgpt.errors import UserError
 from ossgpt.inference.loading import load_model_and_tokenizer
+from ossgpt.model import GPTOSS
 from ossgpt.tokenizer import ByteTokenizer
 from ossgpt.training import TrainConfig
 from ossgpt.training.config import model_config_for, parse_model_overrides
 from ossgpt.training.data import TrainBatches, open_split, validation_batches
 from ossgpt.training.optim import build_optimizer, decays, lr_at, param_groups, set_lr
 
-# A model small enough that a step takes milliseconds. No load-balancing loss: it is computed per batch, so it
-# differs between one process's batch and the halves two processes see (tests compare those runs exactly).
+# A model small enough that a step takes milliseconds, on byte-tokenized data (`make_data`). No load-balancing
+# loss: it is computed per batch, so it differs between one process's batch and the halves two processes see
+# (tests compare those runs exactly).
 TINY = [
     "--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2",
-    "--model-override", "hidden_size=32", "--model-override", "intermediate_size=32",
-    "--model-override", "num_hidden_layers=2", "--model-override", "head_dim=16",
-    "--model-override", "router_aux_loss_coef=0",
+    "--model-override", "tokenizer=bytes", "--model-override", "hidden_size=32",
+    "--model-override", "intermediate_size=32", "--model-override", "num_hidden_layers=2",
+    "--model-override", "head_dim=16", "--model-override", "router_aux_loss_coef=0",
 ]  # fmt: skip
 WORDS = "the a of to and in that it was he for on are with as his they at be this from or had by".split()
 
@@ -193,14 +196,24 @@ def test_unset_fields_take_the_preset_defaults():
     assert mini.batch_size == TrainConfig.batch_size and mini.min_lr == pytest.approx(1e-4)
 
 
-def test_model_config_follows_the_data():
-    meta = {"tokenizer": "bytes", "vocab_size": 257, "eot_token_id": 256}
-    config = TrainConfig.for_preset("tiny", data="d", out="o", model_override=["hidden_size=96", "rope_type=yarn"])
-    model = model_config_for(config, meta)
-    assert (model.tokenizer, model.vocab_size, model.eos_token_id) == ("bytes", 320, 256)  # 257 rounded up to 64s
-    assert (model.hidden_size, model.rope_type) == (96, "yarn")
+def test_model_config_is_the_presets_on_its_own_data():
+    """The preset's model needs data in the preset's tokenizer (what `ossgpt prepare --preset` writes): its
+    vocabulary is the preset's, whatever the data holds; another vocabulary is an error naming the flags."""
+    tiny_meta = {"tokenizer": "cl100k_base:8192", "vocab_size": 4_000, "eot_token_id": 256}  # a small corpus
+    model = model_config_for(TrainConfig.for_preset("tiny", data="d", out="o"), tiny_meta)
+    assert model == GPTOSSConfig.from_preset("tiny") and model.vocab_size == 8_512
     mini_meta = {"tokenizer": "cl100k_base", "vocab_size": 100_277, "eot_token_id": 100_257}
     assert model_config_for(TrainConfig.for_preset("mini", data="d", out="o"), mini_meta).vocab_size == 100_352
+    with pytest.raises(UserError, match=r"preset tiny uses cl100k_base:8192: re-run `ossgpt prepare --preset tiny`"):
+        model_config_for(TrainConfig.for_preset("tiny", data="d", out="o"), mini_meta)
+
+
+def test_model_override_tokenizer_takes_the_datas_vocabulary():
+    meta = {"tokenizer": "bytes", "vocab_size": 257, "eot_token_id": 256}
+    overrides = ["tokenizer=bytes", "hidden_size=96", "rope_type=yarn"]
+    model = model_config_for(TrainConfig.for_preset("tiny", data="d", out="o", model_override=overrides), meta)
+    assert (model.tokenizer, model.vocab_size, model.eos_token_id) == ("bytes", 320, 256)  # 257 rounded up to 64s
+    assert (model.hidden_size, model.rope_type) == (96, "yarn")
 
 
 def test_model_overrides_parse_to_the_field_types():
@@ -244,7 +257,8 @@ def test_run_writes_its_records_and_a_loadable_checkpoint(tmp_path, data):
     assert recorded["data"] == str(data.resolve()) and recorded["model"]["hidden_size"] == 32
     assert recorded["max_steps"] == 4 and recorded["batch_size"] == 4 and recorded["dtype"] == "float32"
     log = (run / "train.log").read_text()
-    assert "ossgpt 0.1.0" in log.splitlines()[0] and "torch " + torch.__version__ in log and "machine:" in log
+    assert f"ossgpt {ossgpt.__version__}" in log.splitlines()[0]
+    assert "torch " + torch.__version__ in log and "machine:" in log
     assert "host memory: " in log  # on CPU the trainer keeps freed memory for reuse (or says why it cannot)
     # The checkpoint is a standard model directory, with its tokenizer: `ossgpt eval`/`generate` load it.
     model, tokenizer = load_model_and_tokenizer(run)
@@ -295,8 +309,8 @@ class NaNLoss:
     when training."""
 
     def __init__(self, monkeypatch, bad_calls):
-        self.calls, self.bad_calls, self.forward = 0, bad_calls, GPTOSSForCausalLM.forward
-        monkeypatch.setattr(GPTOSSForCausalLM, "forward", self)
+        self.calls, self.bad_calls, self.forward = 0, bad_calls, GPTOSS.forward
+        monkeypatch.setattr(GPTOSS, "forward", self)
 
     def __get__(self, model, owner):
         return lambda *args, **kwargs: self(model, *args, **kwargs)
@@ -334,6 +348,11 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path, data, monkeypatch, capsys)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
+def write_record(run_dir, record, name="train_config.json"):
+    run_dir.mkdir()
+    (run_dir / name).write_text(json.dumps(record))
+
+
 def write_meta(path, **changes):
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, **changes}))
@@ -357,16 +376,25 @@ BAD_INPUTS = {
     "bad model override": (None, ["--model-override", "hidden=3"], "--model-override 'hidden=3'"),
     "invalid model override": (None, ["--model-override", "num_experts_per_tok=9"], "num_experts_per_tok"),
     "resume and force": (None, ["--resume", "--force"], "pass only one"),
-    "resume without a checkpoint": (None, ["--resume"], "holds no checkpoint to resume"),
+    "resume another run": (
+        lambda d: write_record(d.parent / "run", {"data": "elsewhere", "model": {}}),
+        ["--resume"],
+        "train_config.json records another run (its data and model differ)",
+    ),  # fmt: skip
+    "a data folder as the run folder": (
+        lambda d: write_record(d.parent / "run", {}, "meta.json"),
+        [],
+        "is a prepared data folder, not a run folder",
+    ),  # fmt: skip
     "bad dtype": (None, ["--dtype", "int8"], "--dtype must be one of"),
     "bad optimizer": (None, ["--optimizer", "sgd"], "--optimizer must be one of adamw, muon"),
     "extension without a checkpoint": (None, ["--context-extension", "4"], "pass it with --init-from CHECKPOINT"),
     "init from nothing": (None, ["--init-from", "no/such/run"], "checkpoint no/such/run does not exist"),
     "ddp without torchrun": (None, ["--distributed", "ddp"], "needs several processes"),
-    "tokenizer of another preset": (
+    "tokenizer other than the overridden one": (
         lambda d: write_meta(d, tokenizer="o200k_harmony", vocab_size=201_088),
         ["--preset", "mini"],
-        "re-run `ossgpt prepare --tokenizer cl100k_base`",
+        "--model-override tokenizer=bytes asks for bytes: override tokenizer=o200k_harmony",
     ),  # fmt: skip
     "vocabulary larger than the model": (
         lambda d: write_meta(d, tokenizer="bytes", vocab_size=400),

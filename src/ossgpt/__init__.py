@@ -1,12 +1,15 @@
 """ossgpt: GPT-OSS from scratch — a readable, exact and fast PyTorch implementation.
 
-The public names: GPTOSSConfig, GPTOSSConfigMini, GPTOSSForCausalLM, CausalLMOutput and HarmonyTokenizer.
+The public names: GPTOSSConfig, GPTOSSConfigMini, RuntimeOptions, GPTOSSForCausalLM, CausalLMOutput and
+HarmonyTokenizer.
 """
 
-from ossgpt.config import GPTOSSConfig, GPTOSSConfigMini
-from ossgpt.model import CausalLMOutput, GPTOSSForCausalLM
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+from ossgpt.api import GPTOSSForCausalLM  # noqa: E402 - after __version__, which modules below read
+from ossgpt.config import GPTOSSConfig, GPTOSSConfigMini  # noqa: E402
+from ossgpt.model import CausalLMOutput  # noqa: E402
+from ossgpt.options import RuntimeOptions  # noqa: E402
 
 
 def __getattr__(name):
@@ -18,4 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'ossgpt' has no attribute {name!r}")
 
 
-__all__ = ["CausalLMOutput", "GPTOSSConfig", "GPTOSSConfigMini", "GPTOSSForCausalLM", "HarmonyTokenizer"]
+__all__ = [
+    "CausalLMOutput", "GPTOSSConfig", "GPTOSSConfigMini", "GPTOSSForCausalLM", "HarmonyTokenizer", "RuntimeOptions",
+]  # fmt: skip

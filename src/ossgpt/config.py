@@ -1,22 +1,21 @@
-"""Model configuration: one dataclass, named presets, validation.
+"""The architecture of a GPT-OSS model: one dataclass, validated.
 
-`GPTOSSConfig` holds every architectural number of a GPT-OSS model. Field names follow Hugging Face's
-`GptOssConfig` where one exists (so HF `config.json` files map over with few renames); RoPE/YaRN settings
-are flat fields rather than a nested dict so that each one is a plain CLI flag.
+`GPTOSSConfig` holds every number that defines the function a model computes, and only those: it is saved beside
+each checkpoint (`config.json`). How the model runs (kernels, loss chunking, activation recomputation) is a
+separate `RuntimeOptions` object (ossgpt.options), never saved. Field names follow Hugging Face's `GptOssConfig`
+where one exists (so HF `config.json` files map over with few renames); RoPE/YaRN settings are flat fields rather
+than a nested dict so that each one is a plain `--model-override KEY=VALUE`.
 
-Presets (`GPTOSSConfig.from_preset(name)`):
-  tiny          a CPU-trainable model for demos and tests (vocabulary follows the prepared data)
-  mini          the seed README's 73.4M-parameter model
-  gpt-oss-20b   OpenAI's published 20.9B shape
-  gpt-oss-120b  OpenAI's published 116.8B shape
+Named shapes, with their tokenizers and training recipes, are presets (ossgpt.presets):
+`GPTOSSConfig.from_preset("tiny" | "mini" | "gpt-oss-20b" | "gpt-oss-120b", **overrides)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from ossgpt.presets import get_preset
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 ROPE_TYPES = ("default", "yarn")
@@ -53,7 +52,6 @@ class GPTOSSConfig:
     attention_bias: bool = True
     sliding_window: int = 128
     layer_types: list[str] = field(default_factory=list)  # per layer; empty = alternating sliding/full
-    attn_implementation: str = "sdpa"  # "sdpa" (fast) or "eager" (einsum reference)
 
     # --- rotary position embedding (RoPE) with optional YaRN ---------------------------------------------
     rope_theta: float = 1_000_000.0
@@ -70,20 +68,14 @@ class GPTOSSConfig:
     intermediate_size: int = 768  # per expert
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
-    moe_implementation: str = "sorted"  # "sorted" (dispatch by expert) or "loop" (per-expert reference)
     # Training-time router regularisers. gpt-oss's published config has aux coef 0.9, which is known to
     # swamp the LM loss when training from scratch; small defaults here.
     router_aux_loss_coef: float = 0.01  # load-balancing (importance x load) loss
     router_z_loss_coef: float = 0.001  # ST-MoE router z-loss
     router_jitter_noise: float = 0.0  # multiplicative uniform noise on router input, training only
 
-    # --- initialisation and training switches -------------------------------------------------------------
+    # --- initialisation ------------------------------------------------------------------------------------
     initializer_range: float = 0.02
-    gradient_checkpointing: bool = False
-    # Rows of LM-head logits the chunked cross-entropy forms at a time (ossgpt.model.loss); 0 = the reference
-    # (all [B*T, vocab] logits at once, then F.cross_entropy). Used when forward() gets labels and
-    # return_logits=False.
-    loss_chunk_size: int = 512
 
     def __post_init__(self):
         if not self.layer_types:
@@ -108,8 +100,6 @@ class GPTOSSConfig:
                      "initializer_range"):  # fmt: skip
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if type(self.loss_chunk_size) is not int or self.loss_chunk_size < 0:  # (a bool is not accepted)
-            raise ValueError(f"loss_chunk_size must be a non-negative integer, got {self.loss_chunk_size!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -136,10 +126,6 @@ class GPTOSSConfig:
                 raise ValueError(f"layer_types entries must be one of {LAYER_TYPES}, got {kind!r}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
-        if self.moe_implementation not in ("sorted", "loop"):
-            raise ValueError(f"moe_implementation must be 'sorted' or 'loop', got {self.moe_implementation!r}")
         if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(
                 f"eos_token_id ({self.eos_token_id}) must be a valid id below vocab_size ({self.vocab_size})"
@@ -148,11 +134,8 @@ class GPTOSSConfig:
     # ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTOSSConfig:
-        """A named preset, with any field overridden by keyword."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        values = {**PRESETS[name], **overrides}
-        return cls(**values)
+        """A named preset's model (ossgpt.presets), with any field overridden by keyword."""
+        return cls(**{**get_preset(name).model, **overrides})
 
     def replace(self, **changes) -> GPTOSSConfig:
         """A copy with some fields changed (validated again). Changing the depth re-derives layer_types."""
@@ -165,99 +148,24 @@ class GPTOSSConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> GPTOSSConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The config of a saved dict; ValueError for a field it does not know."""
+        values = {k: v for k, v in values.items() if k not in FORMER_RUNTIME_FIELDS}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**values)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    @property
-    def num_key_value_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
+# Runtime switches that checkpoints written by ossgpt 0.1 carry in their config.json; they are RuntimeOptions now
+# (ossgpt.options), so loading such a checkpoint skips them.
+FORMER_RUNTIME_FIELDS = ("attn_implementation", "moe_implementation", "gradient_checkpointing", "loss_chunk_size")
 
 
-PRESETS: dict[str, dict] = {
-    # Small enough to learn English in minutes on 2 CPU cores. The 100k-row cl100k LM head would dominate
-    # the cost of such a model, so `tiny` uses a compact vocabulary: the 8,192 most frequent cl100k tokens of
-    # the training corpus plus byte fallback (lossless; see ossgpt.tokenizer). `ossgpt prepare` builds it
-    # and training sets vocab_size/eos_token_id from the prepared data.
-    "tiny": dict(
-        tokenizer="cl100k_base:8192",
-        vocab_size=8_512,  # 8,192 tokens + 256 bytes + <|endoftext|>, padded to a multiple of 64 (as training does)
-        eos_token_id=256,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        intermediate_size=512,
-        max_position_embeddings=1024,
-        sliding_window=128,
-        rope_theta=10_000.0,
-        rope_type="default",
-        rope_factor=1.0,
-        rope_original_max_position_embeddings=1024,
-    ),
-    # The seed README's model. Its vocabulary is cl100k_base's 100,256 BPE ranks, but the special tokens go up
-    # to id 100,276 (<|endoftext|> is 100,257), so the embedding is padded to 100,352 = 784 * 128.
-    # Parameters: 73,452,080. The seed reported 73,369,088; the 82,992 difference is the 96 padding rows
-    # (96 * 512 = 49,152) plus 33,840 per-layer terms the seed's count left out (its MLP experts had no biases:
-    # 4 layers * 4 experts * (1536 + 512) = 32,768 of them).
-    "mini": dict(
-        tokenizer="cl100k_base",
-        vocab_size=100_352,
-        eos_token_id=100_257,
-        hidden_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        intermediate_size=768,
-        max_position_embeddings=2048,
-        rope_theta=1_000_000.0,
-        rope_type="yarn",
-        rope_factor=32.0,
-        rope_original_max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    ),
-    # OpenAI's published shapes (openai/gpt-oss-20b, openai/gpt-oss-120b config.json).
-    "gpt-oss-20b": dict(
-        tokenizer="o200k_harmony",
-        vocab_size=201_088,
-        eos_token_id=200_002,  # <|return|>
-        pad_token_id=199_999,
-        hidden_size=2880,
-        num_hidden_layers=24,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=64,
-        num_local_experts=32,
-        num_experts_per_tok=4,
-        intermediate_size=2880,
-        max_position_embeddings=131_072,
-        rope_theta=150_000.0,
-        rope_type="yarn",
-        rope_factor=32.0,
-        rope_original_max_position_embeddings=4096,
-        rope_beta_fast=32.0,
-        rope_beta_slow=1.0,
-        rope_truncate=False,
-        tie_word_embeddings=False,
-        sliding_window=128,
-    ),
-}
-PRESETS["gpt-oss-120b"] = {**PRESETS["gpt-oss-20b"], "num_hidden_layers": 36, "num_local_experts": 128}
-
-
-# Seed compatibility: the seed README named fields differently. These names read and write the real fields.
-SEED_ALIASES = {
+# --- the prototype's names --------------------------------------------------------------------------------
+# ossgpt grew out of a prototype: one model file, `main.py`, `prep_corpus.py` and a README snippet
+# (`GPTOSSConfigMini()`, `GPTOSSForCausalLM(num_layers=..., num_experts=...)`). Its scripts and names keep working:
+# these aliases read and write the real fields.
+PROTOTYPE_NAMES = {
     "num_layers": "num_hidden_layers",
     "num_experts": "num_local_experts",
     "num_experts_per_token": "num_experts_per_tok",
@@ -271,10 +179,18 @@ def _alias_property(target: str) -> property:
     return property(lambda self: getattr(self, target), lambda self, value: setattr(self, target, value))
 
 
-for _alias, _target in SEED_ALIASES.items():
+for _alias, _target in PROTOTYPE_NAMES.items():
     setattr(GPTOSSConfig, _alias, _alias_property(_target))
 
 
-def GPTOSSConfigMini(**overrides) -> GPTOSSConfig:  # noqa: N802 - the seed's public name
-    """The seed's config class: the `mini` preset (seed attribute names such as `num_layers` work too)."""
-    return GPTOSSConfig.from_preset("mini", **{SEED_ALIASES.get(k, k): v for k, v in overrides.items()})
+def GPTOSSConfigMini(**overrides) -> GPTOSSConfig:  # noqa: N802 - the prototype's public name
+    """The prototype's config class: the `mini` preset, with any field overridden by its own or its prototype name.
+
+    The prototype passed vocab_size=100256 (cl100k's BPE ranks only), which cannot hold <|endoftext|> (100,257):
+    such a vocabulary is padded to the next multiple of 128 that can.
+    """
+    config = GPTOSSConfig.from_preset("mini")
+    values = {PROTOTYPE_NAMES.get(k, k): v for k, v in overrides.items()}
+    if "eos_token_id" not in values and values.get("vocab_size", config.vocab_size) <= config.eos_token_id:
+        values["vocab_size"] = round_up(config.eos_token_id + 1, 128)
+    return config.replace(**values)

@@ -7,6 +7,8 @@
                     training corpus: lossless like the base, but with a vocabulary small enough that the LM head
                     does not dominate a small model's compute
 
+`TextStream` turns tokens that arrive one at a time (generation) into text, character by character.
+
 A *spec* string names a tokenizer in configs and in a prepared data folder's meta.json: "cl100k_base",
 "o200k_harmony", "bytes", or "BASE:K" (e.g. "cl100k_base:8192") for a compact tokenizer, whose kept tokens are
 stored in the data folder's tokenizer.json by `ossgpt prepare`. `load_tokenizer(spec, directory)` builds any of them.
@@ -18,11 +20,12 @@ unless the caller lists it in `allowed_special`, so untrusted text can never inj
 from __future__ import annotations
 
 import base64
+import codecs
 import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from unittest import mock
 
@@ -32,6 +35,7 @@ from tiktoken_ext import openai_public
 from ossgpt.errors import UserError
 
 EOT = "<|endoftext|>"
+REPLACEMENT = "\N{REPLACEMENT CHARACTER}".encode()  # U+FFFD, UTF-8's stand-in for what cannot be decoded
 TOKENIZER_FILE = "tokenizer.json"
 TIKTOKEN_ENCODINGS = ("cl100k_base", "o200k_harmony")
 RANKS_OF = {"cl100k_base": "cl100k_base", "o200k_harmony": "o200k_base"}  # whose BPE ranks each encoding uses
@@ -130,6 +134,14 @@ class Tokenizer:
         """Text of token ids (see `decode_bytes`); invalid UTF-8 (e.g. a cut-off character) becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes; U+FFFD's for an id this tokenizer does not have (a model's embedding may be padded
+        past its tokenizer's vocabulary, and an untrained model may sample such an id)."""
+        try:
+            return self.decode_bytes([token])
+        except (KeyError, ValueError):
+            return REPLACEMENT
+
     def save(self, directory: str | Path) -> None:
         """Write `directory/tokenizer.json`, from which `load_tokenizer(spec, directory)` rebuilds this tokenizer."""
         state = {"spec": self.spec, **self._extra_state()}
@@ -141,6 +153,42 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
+
+
+class TextStream:
+    """The text of tokens that arrive one at a time, as generation produces them.
+
+        text = TextStream(tokenizer)
+        for token in tokens:
+            print(text.add(token), end="")
+        print(text.finish())
+
+    A token may end inside a multi-byte UTF-8 character (byte-level tokenizers split characters freely): `add`
+    returns only whole characters, holding a cut one back until its last byte arrives; `finish` returns what is left,
+    a character cut off for good as U+FFFD. The pieces join to `tokenizer.decode(tokens)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        return self._decoder.decode(self.tokenizer.token_bytes(token))
+
+    def add_all(self, tokens: Iterable[int]) -> Iterator[str]:
+        """The non-empty pieces of `tokens`, then what `finish` returns (if anything)."""
+        for token in tokens:
+            piece = self.add(token)
+            if piece:
+                yield piece
+        rest = self.finish()
+        if rest:
+            yield rest
+
+    def finish(self) -> str:
+        rest = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return rest
 
 
 def as_id_list(ids) -> list[int]:

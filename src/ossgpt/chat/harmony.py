@@ -165,15 +165,9 @@ class Harmony:
     def text(self, text: str) -> list[int]:
         return self.tokenizer.encode_ordinary(text)
 
-    def token_bytes(self, token: int) -> bytes:
-        """A token's bytes; U+FFFD for an id the tokenizer does not have (an untrained model may sample one)."""
-        try:
-            return self.tokenizer.decode_bytes([token])
-        except (KeyError, ValueError):
-            return "\N{REPLACEMENT CHARACTER}".encode()
-
     def decode(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        """Text of tokens, special ones as their text; ids the tokenizer lacks as U+FFFD."""
+        return b"".join(self.tokenizer.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------------------------------ rendering
     def render(self, message: Message) -> list[int]:
@@ -256,7 +250,7 @@ class StreamParser:
             if token in h.message_end_ids:
                 self._close()
                 return ""
-            data = self.harmony.token_bytes(token)
+            data = self.harmony.tokenizer.token_bytes(token)
             self._content += data
             return self._decoder.decode(data)
         if self.header_tokens is None:  # between messages

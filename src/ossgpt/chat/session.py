@@ -23,13 +23,13 @@ Two formats:
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator
 from contextlib import closing
 
 from ossgpt.chat.harmony import Harmony, Message, StreamParser, developer_content, system_content
 from ossgpt.inference.generate import DecodeSession
 from ossgpt.inference.sampling import Sampler
+from ossgpt.tokenizer import TextStream
 
 
 class HarmonyChat:
@@ -110,7 +110,7 @@ class PlainChat:
         self.session.extend([*self.pending, *self.tokenizer.encode_ordinary(prompt)])
         self.pending, self.user_line = [], "\n" + self.USER
         eot = self.tokenizer.eot_token_id
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = TextStream(self.tokenizer)
         held = ""  # the end of the reply that may be the beginning of the next user line: not shown yet
         start = len(self.session.tokens)
         generated = []
@@ -120,7 +120,7 @@ class PlainChat:
                     generated.append(token)
                     if token == eot:
                         break
-                    held += decoder.decode(_token_bytes(self.tokenizer, token))
+                    held += text.add(token)
                     if self.user_line in held:  # the model started the next user line: the reply ends before it
                         held, self.user_line = held[: held.index(self.user_line)], ""
                         break
@@ -133,13 +133,6 @@ class PlainChat:
         finally:
             unfed = generated[len(self.session.tokens) - start :]  # the last sampled token, if not yet in the cache
             self.pending = [t for t in unfed if t != eot]
-
-
-def _token_bytes(tokenizer, token: int) -> bytes:
-    try:
-        return tokenizer.decode_bytes([token])
-    except (KeyError, ValueError):
-        return "\N{REPLACEMENT CHARACTER}".encode()
 
 
 def _partial_suffix(text: str, pattern: str) -> int:

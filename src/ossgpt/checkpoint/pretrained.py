@@ -9,7 +9,7 @@ ossgpt format                       Hugging Face format                      Ope
 The model's parameter names are HF's minus the `model.` prefix, so HF <-> ossgpt is renaming. HF checkpoints may
 keep the experts in MXFP4 (`quantization_config: {"quant_method": "mxfp4"}`, as gpt-oss is published), and the
 original layout always does: `from_pretrained` dequantizes them (exactly: FP4 values are representable in bf16),
-or with `keep_mxfp4=True` keeps them packed (ossgpt.quant.experts).
+or with `keep_mxfp4=True` keeps them packed (ossgpt.quant.mxfp4).
 
 Loading builds the model on the `meta` device (no memory, no init), then materialises the tensors one by one
 from the memory-mapped files, in the requested dtype and device; a packed expert projection is dequantized one
@@ -34,10 +34,11 @@ from ossgpt.checkpoint.hf_config import config_from_hf, config_to_hf
 from ossgpt.checkpoint.original import config_from_original, is_original_config, original_files, rename_original
 from ossgpt.config import GPTOSSConfig
 from ossgpt.errors import UserError
-from ossgpt.model.model import GPTOSSForCausalLM
+from ossgpt.kernels.mxfp4 import dequantize_experts
+from ossgpt.model import GPTOSS
 from ossgpt.model.rope import RotaryEmbedding
-from ossgpt.quant.experts import has_mxfp4_experts, use_mxfp4_experts
-from ossgpt.quant.mxfp4 import dequantize_experts
+from ossgpt.options import RuntimeOptions
+from ossgpt.quant.mxfp4 import has_mxfp4_experts, use_mxfp4_experts
 
 FORMAT_NAME = "ossgpt"
 FORMAT_VERSION = 1
@@ -125,21 +126,25 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     keep_mxfp4: bool = False,
+    options: RuntimeOptions | None = None,
+    model_class: type[GPTOSS] = GPTOSS,
     **config_overrides,
-) -> GPTOSSForCausalLM:
+) -> GPTOSS:
     """Load a model from an ossgpt, Hugging Face (plain or MXFP4) or original gpt-oss checkpoint directory.
 
     dtype: of the floating-point weights (MXFP4 experts are dequantized straight to it).
     keep_mxfp4: keep MXFP4 experts packed (4.25 bits per weight) and dequantize them on the fly in the forward;
         the checkpoint must have MXFP4 experts.
-    config_overrides: change non-shape fields at load time (e.g. attn_implementation="eager").
+    options: how the model runs (ossgpt.options; default RuntimeOptions()).
+    model_class: GPTOSS or a subclass (ossgpt.GPTOSSForCausalLM's from_pretrained passes itself).
+    config_overrides: change non-shape fields at load time (e.g. rope_factor=8.0 for a longer context).
     """
     info = detect_format(directory)
     config = _config_of(info, **config_overrides)
     if keep_mxfp4 and not info.mxfp4:
         raise UserError(f"keep_mxfp4=True needs a checkpoint with MXFP4 experts; {info.directory} has dense experts")
     with torch.device("meta"):
-        model = GPTOSSForCausalLM(config)
+        model = model_class(config, options)
         if keep_mxfp4:
             use_mxfp4_experts(model)
     expected = {name: t for name, t in model.state_dict().items()}  # meta tensors: shapes and dtypes only
@@ -218,7 +223,7 @@ def _dequantize_packed(tensors, dtype, device) -> Iterator[tuple[str, Path, str,
 
 # ----------------------------------------------------------------------------------------------------------------
 def save_pretrained(
-    model: GPTOSSForCausalLM,
+    model: GPTOSS,
     directory: str | Path,
     format: str = "ossgpt",  # noqa: A002
     max_shard_size: int | str | None = None,

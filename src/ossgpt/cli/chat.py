@@ -21,16 +21,14 @@ from contextlib import closing
 import torch
 
 from ossgpt.chat.session import HarmonyChat, open_chat
-from ossgpt.checkpoint import from_pretrained
+from ossgpt.devices import DTYPES, resolve_device, resolve_dtype
 from ossgpt.errors import UserError
 from ossgpt.inference.generate import ContextFullError
-from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, quantize, resolve_checkpoint, resolve_device
+from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, load_model_and_tokenizer
 from ossgpt.inference.sampling import Sampler
-from ossgpt.tokenizer import load_tokenizer
 
 PROMPT = ">>> "
 DIM, RESET = "\033[2m", "\033[0m"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)"
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights dtype (default: auto, bfloat16 on a GPU that supports it, else float32)",
     )
     parser.add_argument(
         "--mxfp4",
@@ -97,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
                           args.repetition_penalty, generator)  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
-    directory = resolve_checkpoint(args.checkpoint)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = quantize(from_pretrained(directory, dtype=dtype, device=device, keep_mxfp4=args.mxfp4), args.quantize)
-    tokenizer = load_tokenizer(model.config.tokenizer, directory=directory, vocab_file=args.vocab_file)
+    dtype = DTYPES[resolve_dtype(args.dtype, device)]
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=str(device), dtype=dtype,
+                                                quantization=args.quantize, keep_mxfp4=args.mxfp4,
+                                                vocab_file=args.vocab_file)  # fmt: skip
     today = datetime.date.today().isoformat()
     chat = open_chat(model, tokenizer, sampler, args.max_new_tokens, args.system, args.reasoning_effort, today)
     if not isinstance(chat, HarmonyChat):
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "transcript",
             file=sys.stderr,
         )
-    print(f"chatting with {directory}; Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
+    print(f"chatting with {args.checkpoint}; Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
     display = Display(sys.stdout, args.show_reasoning, color=sys.stdout.isatty())
     while True:
         try:

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ossgpt.checkpoint import from_pretrained, save_pretrained
 from ossgpt.checkpoint.pretrained import detect_format, parse_size
+from ossgpt.devices import DTYPES
 from ossgpt.errors import UserError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

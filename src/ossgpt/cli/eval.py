@@ -20,18 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-from ossgpt.data.prepare import note_encoding, read_text
+from ossgpt.checkpoint.run_dir import TRAIN_CONFIG, resolve_checkpoint, run_record
+from ossgpt.data.prepare import note_encoding, read_meta, read_text
 from ossgpt.errors import UserError
 from ossgpt.eval.baselines import compression_bits_per_byte, train_token_counts, unigram_bits_per_byte
 from ossgpt.eval.metrics import DEFAULT_MAX_SEQ_LEN, EvalResult, TokenizedText, evaluate_tokens, tokenize_documents
-from ossgpt.inference.loading import (
-    TRAIN_CONFIG,
-    context_extension,
-    load_model_and_tokenizer,
-    read_json_dict,
-    resolve_checkpoint,
-    trained_seq_len,
-)
+from ossgpt.inference.loading import context_extension, load_model_and_tokenizer, trained_seq_len
 
 BASELINE_LABELS = {"gzip": "gzip -9", "bzip2": "bzip2 -9", "xz": "xz -9", "unigram": "unigram"}
 
@@ -137,7 +131,7 @@ def unigram_baseline(text: TokenizedText, tokenizer, train_data: str | None, che
     train_bin = data_dir / "train.bin"
     if not train_bin.is_file():
         raise UserError(f"{data_dir} has no train.bin; pass the data folder `ossgpt prepare` wrote")
-    spec = read_json_dict(data_dir / "meta.json").get("tokenizer")
+    spec = read_meta(data_dir)["tokenizer"] if (data_dir / "meta.json").is_file() else None
     if spec is not None and spec != tokenizer.spec:
         raise UserError(f"{data_dir} was prepared with tokenizer {spec}, but the model uses {tokenizer.spec}")
     counts = train_token_counts(train_bin, tokenizer.vocab_size)
@@ -146,7 +140,7 @@ def unigram_baseline(text: TokenizedText, tokenizer, train_data: str | None, che
 
 def recorded_data_dir(checkpoint: Path) -> Path | None:
     """The data folder that trained this checkpoint, from RUN_DIR/train_config.json, if it still exists."""
-    data = read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("data")  # checkpoint is RUN_DIR/checkpoint
+    data = run_record(checkpoint).get("data")
     return Path(data) if isinstance(data, str) and (Path(data) / "train.bin").is_file() else None
 
 

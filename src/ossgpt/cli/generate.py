@@ -11,10 +11,8 @@ terminal the continuation appears token by token. As in training and evaluation,
 from __future__ import annotations
 
 import argparse
-import codecs
 import itertools
 import sys
-from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -22,6 +20,7 @@ from ossgpt.errors import UserError
 from ossgpt.inference.generate import stream
 from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, load_model_and_tokenizer
 from ossgpt.inference.sampling import check_sampling_args
+from ossgpt.tokenizer import TextStream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         generator=generator,
     )
     new_ids = itertools.takewhile(lambda t: t not in stop_ids, (int(token[0]) for token in tokens))
-    pieces = decode_stream(tokenizer, new_ids)
+    pieces = TextStream(tokenizer).add_all(new_ids)
     if sys.stdout.isatty():  # show each piece as soon as it exists
         print(args.prompt, end="", flush=True)
         for piece in pieces:
@@ -103,22 +102,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(args.prompt + "".join(pieces))
     return 0
-
-
-def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
-    """The text of token `ids`, piece by piece as the tokens arrive; the pieces join to `tokenizer.decode(ids)`.
-
-    A token may end inside a multi-byte UTF-8 character (byte-level tokenizers split characters freely), so each
-    token's bytes go through an incremental UTF-8 decoder, which holds a cut character back until its last byte
-    arrives.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in ids:
-        try:
-            data = tokenizer.decode_bytes([token])
-        except (KeyError, ValueError):  # an id beyond the tokenizer: the embedding's padding rows have no text
-            data = "\N{REPLACEMENT CHARACTER}".encode()
-        piece = decoder.decode(data)
-        if piece:
-            yield piece
-    yield decoder.decode(b"", final=True)  # what is left of a character cut off at the end, as U+FFFD

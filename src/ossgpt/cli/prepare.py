@@ -1,7 +1,8 @@
 """`ossgpt prepare INPUT... --out DATA_DIR`: tokenize text files into train/val token files.
 
-    ossgpt prepare novels/ --out data/novels --tokenizer cl100k_base:8192
-    ossgpt prepare --source shakespeare --out data/shakespeare
+    ossgpt prepare novels/ --out data/novels                       # for the default preset, tiny
+    ossgpt prepare novels/ --out data/novels-mini --preset mini    # in the mini preset's tokenizer
+    ossgpt prepare --source shakespeare --out data/shakespeare --tokenizer bytes
 
 See ossgpt.data.prepare for what DATA_DIR holds.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ossgpt.config import GPTOSSConfig
 from ossgpt.data.download import SOURCES, fetch_source
 from ossgpt.data.prepare import prepare
 from ossgpt.errors import UserError
-
-DEFAULT_TOKENIZER = "cl100k_base"
+from ossgpt.presets import DEFAULT_PRESET, PRESETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder to write train.bin, val.bin, meta.json and tokenizer.json into",
     )
     parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=list(PRESETS),
+        help=f"tokenize for this preset's model: with its tokenizer, unless --tokenizer says otherwise (default: "
+        f"{DEFAULT_PRESET}, `ossgpt train`'s default too; "
+        + ", ".join(f"{name}: {GPTOSSConfig.from_preset(name).tokenizer}" for name in PRESETS)
+        + ")",
+    )
+    parser.add_argument(
         "--tokenizer",
         default=None,
         metavar="SPEC",
         help="cl100k_base, o200k_harmony, bytes, or BASE:K for a compact vocabulary: the K most frequent BASE tokens "
-        f"of the training text plus byte fallback, e.g. cl100k_base:8192 (default: {DEFAULT_TOKENIZER})",
+        "of the training text plus byte fallback, e.g. cl100k_base:8192 (default: the --preset's)",
     )
     parser.add_argument(
         "--val-fraction",
@@ -81,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     meta = prepare(
         inputs,
         args.out,
-        tokenizer=args.tokenizer or DEFAULT_TOKENIZER,
+        tokenizer=args.tokenizer or GPTOSSConfig.from_preset(args.preset).tokenizer,
         val_fraction=args.val_fraction,
         force=args.force,
         workers=args.workers,

@@ -1,5 +1,6 @@
 """`ossgpt train --data DATA_DIR --out RUN_DIR [--preset tiny] ...`: train a model on a prepared data folder.
 
+    ossgpt prepare novels/ --out data/novels          # the default preset's (tiny's) tokenizer
     ossgpt train --data data/novels --out runs/novels --preset tiny --max-minutes 8
     ossgpt train --data data/novels --out runs/novels --resume --max-steps 600
     torchrun --nproc_per_node=2 -m ossgpt train --data data/web --out runs/web --preset mini --distributed fsdp
@@ -14,8 +15,8 @@ import argparse
 import dataclasses
 import typing
 
+from ossgpt.presets import DEFAULT_PRESET, PRESETS
 from ossgpt.training import TrainConfig, train
-from ossgpt.training.config import PRESET_DEFAULTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,15 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _defaults_text(f: dataclasses.Field) -> str:
-    """The help's "(default: 0.0006; tiny: 0.003)": a scalar field's default, and each preset's that differs."""
+    """The help's "(default: 0.0006; tiny: 0.006)": a scalar field's default, and each preset's that differs."""
     if f.metadata.get("required") or f.default in (None, dataclasses.MISSING) or isinstance(f.default, bool):
         return ""
-    per_preset = "".join(f"; {name}: {values[f.name]}" for name, values in PRESET_DEFAULTS.items() if f.name in values)
+    per_preset = "".join(f"; {name}: {p.train[f.name]}" for name, p in PRESETS.items() if f.name in p.train)
     return f" (default: {f.default}{per_preset})"
 
 
 def run(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {name: value for name, value in vars(args).items() if name in names}
-    train(TrainConfig.for_preset(given.pop("preset", TrainConfig.preset), **given))
+    train(TrainConfig.for_preset(given.pop("preset", DEFAULT_PRESET), **given))
     return 0

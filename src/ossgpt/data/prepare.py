@@ -3,7 +3,7 @@
     prepare(["novels/", "notes.txt"], "data/novels", tokenizer="cl100k_base:8192")
 
 writes data/novels/ with
-  train.bin, val.bin  token ids as raw uint32, read with `np.memmap(path, dtype=np.uint32, mode="r")`
+  train.bin, val.bin  token ids as raw uint32 (see ossgpt.data.tokens)
   meta.json           tokenizer spec, vocab_size, eot_token_id, token and byte counts, one entry per source file
   tokenizer.json      what `ossgpt.tokenizer.load_tokenizer(spec, data_dir)` needs to rebuild the tokenizer
 
@@ -13,6 +13,8 @@ the rest to train.bin, so validation text is unseen text from every source rathe
 
 A compact tokenizer ("BASE:K") is fitted on the train split only, so val.bin stays honest held-out text.
 The folder appears complete or not at all: it is written under a temporary name and renamed at the end.
+
+`prepare_train_eval` builds a data folder from separate train and eval text files (for the prototype's main.py).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from tqdm import tqdm
 
 from ossgpt import __version__
 from ossgpt.atomic import atomic_output
+from ossgpt.data.tokens import TOKEN_DTYPE, write_tokens
 from ossgpt.errors import UserError
-from ossgpt.tokenizer import CompactTokenizer, load_tokenizer, split_spec
+from ossgpt.tokenizer import TOKENIZER_FILE, CompactTokenizer, load_tokenizer, split_spec
 
-DTYPE = np.uint32  # o200k_harmony's ids do not fit in uint16
+META_KEYS = ("tokenizer", "vocab_size", "eot_token_id", "train_tokens", "val_tokens", "val_bytes")
 MIN_FILES_FOR_WORKERS = 4  # below this, starting worker processes costs more than it saves
 
 
@@ -98,9 +101,9 @@ def prepare(
         counts = dict(zip(seen.tolist(), train_counts[seen].tolist(), strict=True))
         tok = CompactTokenizer.fit(base_spec, counts, compact_size, vocab_file)
         # Map each part on its own: a base-token boundary is a compact-token boundary too.
-        splits = [tuple(np.asarray(tok.from_base_ids(part.tolist()), dtype=DTYPE) for part in s) for s in splits]
+        splits = [tuple(np.asarray(tok.from_base_ids(part.tolist()), dtype=TOKEN_DTYPE) for part in s) for s in splits]
 
-    eot = np.array([tok.eot_token_id], dtype=DTYPE)
+    eot = np.array([tok.eot_token_id], dtype=TOKEN_DTYPE)
     meta = {
         "tokenizer": tok.spec,
         "vocab_size": tok.vocab_size,
@@ -125,6 +128,28 @@ def prepare(
         write_tokens(tmp / "val.bin", [part for _, val in splits if len(val) for part in (val, eot)])
         tok.save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """A data folder's meta.json, after checking that the folder holds what training needs."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(
+            f"data folder {data_dir} does not exist; create it with `ossgpt prepare TEXT... --out {data_dir}`"
+        )
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no meta.json: not a data folder written by `ossgpt prepare`")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; re-run `ossgpt prepare`") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; re-run `ossgpt prepare`")
+    if not (data_dir / TOKENIZER_FILE).is_file():
+        raise UserError(f"{data_dir} has no {TOKENIZER_FILE}; re-run `ossgpt prepare`")
     return meta
 
 
@@ -181,7 +206,7 @@ def tokenize_file(path: Path, spec: str, vocab_file: str | Path | None = None) -
     """Read and tokenize one file (as ordinary text: special-token text in it is not special)."""
     text, encoding = read_text(path)
     tokens = load_tokenizer(spec, vocab_file=vocab_file).encode_ordinary(text) if text.strip() else []
-    return Document(path, encoding, len(text.encode("utf-8")), np.asarray(tokens, dtype=DTYPE))
+    return Document(path, encoding, len(text.encode("utf-8")), np.asarray(tokens, dtype=TOKEN_DTYPE))
 
 
 def tokenize_files(
@@ -207,9 +232,24 @@ def split_document(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray,
     return tokens[:cut], tokens[cut:]
 
 
-# --- writing --------------------------------------------------------------------------------------------------
-def write_tokens(path: Path, parts: Sequence[np.ndarray]) -> None:
-    """Concatenate token arrays into a raw uint32 file."""
-    with open(path, "wb") as f:
-        for part in parts:
-            f.write(np.ascontiguousarray(part, dtype=DTYPE).tobytes())
+def prepare_train_eval(
+    train_files: Sequence[str | Path], eval_files: Sequence[str | Path], out_dir: str | Path, tokenizer: str
+) -> dict:
+    """Write a data folder whose train.bin holds `train_files` and val.bin `eval_files` (each file one document,
+    as `ossgpt prepare` does; a compact tokenizer is fitted on the train files only). Replaces `out_dir`.
+    Returns meta.json's contents."""
+    with atomic_output(out_dir) as tmp:
+        meta = prepare(train_files, tmp, tokenizer=tokenizer, val_fraction=0.0)
+        tok = load_tokenizer(meta["tokenizer"], tmp)
+        eot = np.array([tok.eot_token_id], dtype=TOKEN_DTYPE)
+        parts, n_bytes = [], 0
+        for path in find_input_files(eval_files):
+            text, encoding = read_text(path)
+            note_encoding(path, encoding)
+            if text.strip():
+                parts += [np.asarray(tok.encode_ordinary(text), dtype=TOKEN_DTYPE), eot]
+                n_bytes += len(text.encode("utf-8"))
+        write_tokens(tmp / "val.bin", parts)
+        meta.update(val_tokens=sum(len(p) for p in parts), val_bytes=n_bytes, val_files=[str(p) for p in eval_files])
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

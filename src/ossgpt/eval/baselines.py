@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ossgpt.data.tokens import read_tokens
 from ossgpt.errors import UserError
 
 COMPRESSORS = {
@@ -33,15 +34,9 @@ def compression_bits_per_byte(data: bytes) -> dict[str, float]:
 
 
 def train_token_counts(path: str | Path, vocab_size: int) -> np.ndarray:
-    """[vocab_size] int64 occurrences of each id in a token file of raw uint32 ids (a prepared train.bin)."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size % 4:
-        raise UserError(f"{path} is not a token file of uint32 ids (its size is not a multiple of 4 bytes)")
+    """[vocab_size] int64 occurrences of each id in a token file (a prepared train.bin, ossgpt.data.tokens)."""
+    tokens = read_tokens(path)
     counts = np.zeros(vocab_size, dtype=np.int64)
-    if size == 0:  # np.memmap cannot map an empty file
-        return counts
-    tokens = np.memmap(path, dtype=np.uint32, mode="r")
     for start in range(0, len(tokens), COUNT_CHUNK):
         chunk = tokens[start : start + COUNT_CHUNK]
         if chunk.max() >= vocab_size:

@@ -14,7 +14,7 @@ Sampling settings are those of ossgpt.inference.sampling; `seed` makes a sample 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -43,10 +43,7 @@ class StopStrings:
             if not live:
                 hits.append(False)
                 continue
-            try:
-                data = self.tails[row] + self.tokenizer.decode_bytes([token])
-            except (KeyError, ValueError):  # an id beyond the tokenizer (padding rows of the embedding) has no text
-                data = self.tails[row]
+            data = self.tails[row] + self.tokenizer.token_bytes(token)
             hits.append(any(p in data for p in self.patterns))
             self.tails[row] = data[len(data) - self.keep :] if self.keep else b""
         return hits
@@ -77,39 +74,26 @@ def _check_length(model, prompt_length: int, max_new_tokens: int) -> None:
         )
 
 
-@torch.no_grad()
-def _steps(
-    model,
-    input_ids: torch.Tensor,
+def _decode(
+    logits: torch.Tensor,
+    advance: Callable[[torch.Tensor], torch.Tensor],
     max_new_tokens: int,
     sampler: Sampler,
-    eos_token_id=None,
-    attention_mask: torch.Tensor | None = None,
-    stop_strings: Sequence[str] | None = None,
-    tokenizer=None,
-    pad_token_id: int | None = None,
+    stop_ids: Sequence[int] = (),
+    seen: torch.Tensor | None = None,
+    watcher: StopStrings | None = None,
+    pad: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (token [B], active [B]) per step; `active` marks the rows for which `token` is a generated token
-    (the others have stopped and get the pad id)."""
-    B, T = input_ids.shape
-    _check_length(model, T, max_new_tokens)
-    device = input_ids.device
-    stop_ids = _stop_ids(eos_token_id)
-    eos = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    pad = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
-    watcher = StopStrings(stop_strings, tokenizer, B) if stop_strings else None
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
-    cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=model.embed_tokens.weight.dtype)
+    """The decode loop, for a batch and for a DecodeSession alike.
 
-    logits = model(input_ids, positions=positions, cache=cache, logits_to_keep=1).logits[:, -1]
-    seen = None
-    if sampler.tracks_history:  # the repetition penalty looks at the prompt too (not at its padding)
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        rows, columns = attention_mask.nonzero(as_tuple=True)
-        seen[rows, input_ids[rows, columns]] = True
-    next_position = positions.max(dim=-1, keepdim=True).values + 1  # [B, 1]
+    From the next-token logits [B, V] of every row: sample a token per row, yield (token [B], active [B]), and feed
+    the tokens back through advance(token [B]) -> the next logits [B, V]; until max_new_tokens, or until every row
+    has stopped, at a stop id or when its text completes a stop string (`watcher`). `active` marks the rows for
+    which `token` is a generated token; rows that have stopped get `pad`. seen [B, V]: the tokens already in each
+    sequence, for a repetition penalty; kept up to date here. The last token yielded is never fed back.
+    """
+    B, device = logits.shape[0], logits.device
+    eos = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         active = ~finished
@@ -122,8 +106,47 @@ def _steps(
             return
         if seen is not None:
             seen[torch.arange(B, device=device), token] = True
+        logits = advance(token)
+
+
+@torch.no_grad()
+def _steps(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampler: Sampler,
+    eos_token_id=None,
+    attention_mask: torch.Tensor | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    pad_token_id: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Prefill a (left-padded) batch into a new KV cache, then `_decode` it: yield (token [B], active [B]) per step."""
+    B, T = input_ids.shape
+    _check_length(model, T, max_new_tokens)
+    stop_ids = _stop_ids(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+    watcher = StopStrings(stop_strings, tokenizer, B) if stop_strings else None
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
+    cache = KVCache(model.config, B, T + max_new_tokens, device=input_ids.device, dtype=model.embed_tokens.weight.dtype)
+
+    logits = model(input_ids, positions=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+    seen = None
+    if sampler.tracks_history:  # the repetition penalty looks at the prompt too (not at its padding)
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        rows, columns = attention_mask.nonzero(as_tuple=True)
+        seen[rows, input_ids[rows, columns]] = True
+    next_position = positions.max(dim=-1, keepdim=True).values + 1  # [B, 1]
+
+    def advance(token: torch.Tensor) -> torch.Tensor:
+        nonlocal next_position
         logits = model(token[:, None], positions=next_position, cache=cache).logits[:, -1]
         next_position = next_position + 1
+        return logits
+
+    yield from _decode(logits, advance, max_new_tokens, sampler, stop_ids, seen, watcher, pad)
 
 
 def stream(
@@ -302,20 +325,18 @@ class DecodeSession:
         if self.logits is None:
             raise ValueError("extend the session with a prompt before generating")
         sampler = sampler or Sampler()
-        stop = set(stop_token_ids)
         seen = None
         if sampler.tracks_history:
             seen = torch.zeros(1, self.logits.shape[-1], dtype=torch.bool, device=self.logits.device)
             seen[0, self.tokens] = True
+
+        def advance(token: torch.Tensor) -> torch.Tensor:
+            self.extend(token.tolist())
+            return self.logits[None]
+
         steps = min(max_new_tokens, self.room + 1)  # the last token need not fit: it is not added
-        for step in range(steps):
-            token = int(sampler(self.logits[None], seen)[0])
-            yield token
-            if token in stop or step == steps - 1:
-                return
-            self.extend([token])
-            if seen is not None:
-                seen[0, token] = True
+        for token, _ in _decode(self.logits[None], advance, steps, sampler, list(stop_token_ids), seen):
+            yield int(token[0])
 
     def _reserve(self, length: int) -> None:
         """Make the cache hold at least `length` columns, keeping what it holds."""

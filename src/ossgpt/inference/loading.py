@@ -1,62 +1,29 @@
 """Loading a trained model and its tokenizer for inference (`ossgpt eval`, `ossgpt generate`).
 
-A checkpoint path may name either
-  a model directory   config.json + model.safetensors (+ tokenizer.json), as `save_pretrained` writes it, or a
-                      Hugging Face gpt-oss directory;
-  a training run      RUN_DIR holding the model directory as RUN_DIR/checkpoint/.
+A checkpoint path may name a model directory (config.json + weights, ossgpt's, Hugging Face's or OpenAI's
+original layout) or a training run directory (see ossgpt.checkpoint.run_dir).
 
 Context extension (`context_extension`): config overrides that set YaRN for F times the length a run trained on,
 used at load time by `ossgpt eval` and as the starting point of a long-context fine-tune by `ossgpt train`.
 
 Quantization for decoding (`quantize`, the `--quantize` option of `ossgpt generate` and `ossgpt chat`): the int8
-copy of ossgpt.inference.decode_fast, weight-only (`int8`) or with the LM head's input quantized too
+copy of ossgpt.quant.int8, weight-only (`int8`) or with the LM head's input quantized too
 (`int8-dynamic`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
+from ossgpt.checkpoint.run_dir import resolve_checkpoint, run_record
+from ossgpt.devices import resolve_device
 from ossgpt.errors import UserError
-from ossgpt.inference.decode_fast import quantize_for_decoding
-from ossgpt.quant.experts import has_mxfp4_experts
+from ossgpt.quant.int8 import quantize_for_decoding
+from ossgpt.quant.mxfp4 import has_mxfp4_experts
 from ossgpt.tokenizer import load_tokenizer
-
-RUN_CHECKPOINT = "checkpoint"  # a training run's model directory, relative to the run directory
-TRAIN_CONFIG = "train_config.json"  # written by `ossgpt train` into RUN_DIR; its "data" names the data folder
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory that `path` names: `path` itself if it has config.json, else `path`/checkpoint."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / RUN_CHECKPOINT / "config.json").is_file():
-        return path / RUN_CHECKPOINT
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass a model directory or a training run directory")
-    raise UserError(
-        f"{path} is not a checkpoint: expected a model directory with config.json, "
-        f"or a training run directory with {RUN_CHECKPOINT}/config.json"
-    )
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The torch device `name` ("cpu", "cuda", "cuda:1"); None picks CUDA when available, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda requested but CUDA is not available here; use --device cpu")
-    return device
-
 
 QUANTIZE_MODES = ("int8", "int8-dynamic")
 QUANTIZE_HELP = (
@@ -85,18 +52,23 @@ def load_model_and_tokenizer(
     device: str | None = "cpu",
     dtype: torch.dtype = torch.float32,
     quantization: str | None = None,
+    keep_mxfp4: bool = False,
+    vocab_file: str | Path | None = None,
     **config_overrides,
 ):
     """(model in eval mode, tokenizer) of the checkpoint at `path` (a model or training run directory).
 
     The tokenizer is the one the model's config names (`config.tokenizer`); a compact vocabulary is rebuilt from
-    the checkpoint's tokenizer.json. device=None picks CUDA when available. quantization: see `quantize`.
-    config_overrides change non-shape config fields at load time (e.g. RoPE scaling for context extension).
+    the checkpoint's tokenizer.json, a tiktoken one read from its cache or `vocab_file`. device: a name for
+    ossgpt.devices.resolve_device ("auto" or None picks CUDA when available). quantization: see `quantize`.
+    keep_mxfp4: keep MXFP4 experts packed (see ossgpt.checkpoint.from_pretrained). config_overrides change
+    non-shape config fields at load time (e.g. RoPE scaling for context extension).
     """
     directory = resolve_checkpoint(path)
-    model = from_pretrained(directory, dtype=dtype, device=resolve_device(device), **config_overrides)
+    model = from_pretrained(directory, dtype=dtype, device=resolve_device(device), keep_mxfp4=keep_mxfp4,
+                            **config_overrides)  # fmt: skip
     model = quantize(model, quantization)
-    tokenizer = load_tokenizer(model.config.tokenizer, directory=directory)
+    tokenizer = load_tokenizer(model.config.tokenizer, directory=directory, vocab_file=vocab_file)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"{directory}: tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens but the model only "
@@ -125,14 +97,5 @@ def context_extension(checkpoint: Path, factor: float | None, no_yarn: bool) -> 
 
 
 def trained_seq_len(checkpoint: Path) -> int | None:
-    """The sequence length a training run's checkpoint was trained on (None for a bare model directory)."""
-    return read_json_dict(checkpoint.parent / TRAIN_CONFIG).get("seq_len")
-
-
-def read_json_dict(path: Path) -> dict:
-    """A JSON object file's contents; {} if the file is missing or holds something else."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+    """The sequence length a training run's checkpoint was trained on (None for a model directory outside a run)."""
+    return run_record(checkpoint).get("seq_len")

@@ -1,10 +1,11 @@
-"""Next-token cross-entropy through the LM head without materialising all the logits.
+"""Next-token cross-entropy through the LM head without materialising all the logits: the fast twin of the plain
+loss in `ossgpt.model.model` (`F.cross_entropy` of the LM head's logits).
 
 Shapes: N rows (tokens with a target), H hidden, V vocabulary, C rows per chunk.
 
-The reference (`reference_linear_cross_entropy`) is the textbook pair `F.linear` then `F.cross_entropy`: it
-holds the full [N, V] float32 logits, their log-softmax and, in the backward pass, their gradient. For the
-`mini` preset (N = 1024, V = 100,352) each of those is 411 MB, and the passes over them are memory bound.
+The plain loss is the textbook pair `F.linear` then `F.cross_entropy`: it holds the full [N, V] float32 logits,
+their log-softmax and, in the backward pass, their gradient. For the `mini` preset (N = 1024, V = 100,352) each of
+those is 411 MB, and the passes over them are memory bound.
 
 `linear_cross_entropy` computes the same mean loss C rows at a time. For each chunk it forms the logits
 [C, V] in one reusable buffer, takes loss_i = logsumexp_i - logit_i[label_i], and, when gradients are
@@ -17,7 +18,10 @@ three matmuls as the unfused path, with no recomputation, and the [N, V] logits 
 is one [C, V] float32 buffer plus dW [V, H], which the weight's gradient needs anyway.
 
 The buffer can live in a caller-owned `workspace` dict and be reused from one call to the next: on CPU a fresh
-205 MB allocation is paged in again on every training step (~50 ms of page faults).
+buffer of that size would be paged in again on every training step.
+
+Selected by `RuntimeOptions(loss_chunk_size=C)` (C > 0; 512 by default) when the model is asked for the loss
+without the logits, as training does; tests/test_fast_paths.py checks it against the plain loss.
 
 Under autocast the matmuls run in the autocast dtype (as F.linear would); the softmax is always float32.
 """
@@ -27,17 +31,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CPU_BLOCK_BYTES = 2 << 20  # float32 logits per softmax block on CPU: 8 rows of a 100k vocabulary, 61 of 8.5k
-
-
-def reference_linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """x [N, H], weight [V, H], labels [N] -> mean cross-entropy over non-ignored rows (full logits)."""
-    return F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=ignore_index)
 
 
 def linear_cross_entropy(
@@ -48,7 +44,8 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     workspace: dict | None = None,
 ) -> torch.Tensor:
-    """Same contract as `reference_linear_cross_entropy`, chunk_size rows of logits at a time.
+    """x [N, H], weight [V, H], labels [N] -> the mean cross-entropy over the rows whose label is not ignore_index,
+    F.cross_entropy(F.linear(x, weight).float(), labels), chunk_size rows of logits at a time.
 
     workspace: a dict this function may keep its scratch buffers in between calls (not thread-safe: one
     workspace per concurrently running model).

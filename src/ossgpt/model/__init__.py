@@ -1,5 +1,16 @@
-"""The GPT-OSS architecture, one concept per module: norms, rope, attention, moe, block, cache, model."""
+"""What GPT-OSS computes, written once and plainly, one concept per module:
 
-from ossgpt.model.model import CausalLMOutput, GPTOSSForCausalLM
+    norms.py      RMSNorm
+    rope.py       rotary position embedding, YaRN
+    attention.py  grouped-query attention with sinks and a sliding window
+    moe.py        router, experts (clamped SwiGLU), load-balancing and z losses
+    block.py      one transformer block
+    cache.py      the KV cache for decoding
+    model.py      the causal language model and its loss
 
-__all__ = ["CausalLMOutput", "GPTOSSForCausalLM"]
+The fast versions of attention, experts and loss live in ossgpt.kernels, chosen by RuntimeOptions (ossgpt.options).
+"""
+
+from ossgpt.model.model import GPTOSS, CausalLMOutput
+
+__all__ = ["CausalLMOutput", "GPTOSS"]

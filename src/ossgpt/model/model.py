@@ -4,9 +4,11 @@
       -> embed_tokens                       [B, T, hidden]
       -> N x Block(attention, MoE)          [B, T, hidden]   (sliding/full attention per config.layer_types)
       -> norm -> lm_head                    [B, T, vocab]
+      -> next-token cross-entropy against labels, plus the routers' auxiliary losses
 
-Parameter names match Hugging Face's GptOssForCausalLM without its `model.` prefix, so HF checkpoints map
-onto this module one to one (see ossgpt.checkpoint).
+Parameter names match Hugging Face's GptOssForCausalLM without its `model.` prefix, so HF checkpoints map onto
+this module one to one. Loading and saving live in ossgpt.checkpoint, generation in ossgpt.inference; the public
+`ossgpt.GPTOSSForCausalLM` (ossgpt.api) is this model with those as methods.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ossgpt.config import SEED_ALIASES, GPTOSSConfig, round_up
+from ossgpt.config import GPTOSSConfig
+from ossgpt.kernels.loss import IGNORE_INDEX, linear_cross_entropy
 from ossgpt.model.block import Block
 from ossgpt.model.cache import KVCache
-from ossgpt.model.loss import linear_cross_entropy
 from ossgpt.model.moe import Experts, RouterStats
 from ossgpt.model.norms import RMSNorm
 from ossgpt.model.rope import RotaryEmbedding
+from ossgpt.options import RuntimeOptions
 
 
 @dataclass
@@ -37,14 +40,16 @@ class CausalLMOutput:
     router_stats: list[RouterStats] | None = None  # per layer
 
 
-class GPTOSSForCausalLM(nn.Module):
-    def __init__(self, config: GPTOSSConfig | None = None, **seed_kwargs):
-        """`GPTOSSForCausalLM(config)`, or the seed's keywords (`num_layers=`, `num_experts=`, ...) over `mini`."""
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [B, T, vocab], labels [B, T] -> mean cross-entropy of position t predicting labels[t + 1] (HF's
+    shift), in float32; targets equal to -100 are ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+class GPTOSS(nn.Module):
+    def __init__(self, config: GPTOSSConfig, options: RuntimeOptions | None = None):
+        """config: the architecture (saved with a checkpoint); options: how it runs (ossgpt.options)."""
         super().__init__()
-        if config is None:
-            config = _config_from_seed_kwargs(seed_kwargs)
-        elif seed_kwargs:
-            raise TypeError("pass either a config or keyword arguments, not both")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
@@ -53,9 +58,21 @@ class GPTOSSForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.gradient_checkpointing = config.gradient_checkpointing
+        self.options = options or RuntimeOptions()
         self.loss_workspace: dict = {}  # the chunked loss's logits buffer, reused across steps
         self.reset_parameters()
+
+    @property
+    def options(self) -> RuntimeOptions:
+        return self._options
+
+    @options.setter
+    def options(self, options: RuntimeOptions) -> None:
+        """Set how the model runs; each layer's attention and experts take their kernel from it."""
+        self._options = options
+        for layer in self.layers:
+            layer.self_attn.kernel = options.attention
+            layer.mlp.experts.kernel = options.experts
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -83,13 +100,6 @@ class GPTOSSForCausalLM(nn.Module):
             layer.post_attention_layernorm.weight.fill_(1.0)
         self.norm.weight.fill_(1.0)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied LM head counts once)."""
         n = sum(p.numel() for p in self.parameters())
@@ -112,16 +122,16 @@ class GPTOSSForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """input_ids [B, T] -> CausalLMOutput.
 
-        labels [B, T]: targets aligned with input_ids (HF convention: shifted inside, -100 ignored).
+        labels [B, T]: targets aligned with input_ids (HF convention: shifted inside, -100 ignored); adds the
+            loss to the output.
         attention_mask [B, T]: 1 for real tokens, 0 for (left) padding; padding gets position -1 and is
             never attended to.
         positions [B, T]: explicit absolute positions (decoding with padded rows); default: 0.. (after the
             tokens already in `cache`).
         cache: a KVCache; this call's tokens are appended to it.
         logits_to_keep: if > 0, only compute logits for the last that many positions (decoding).
-        return_logits: with labels, False skips the [B, T, vocab] logits (`.logits` is None) and computes the
-            loss chunk by chunk (config.loss_chunk_size rows at a time, see ossgpt.model.loss): what training
-            wants. True (default) returns the logits and takes the loss from them, as HF does.
+        return_logits: False (with labels) returns the loss alone, `.logits` None: what training wants, since
+            then the [B, T, vocab] logits need never exist (see `_loss`).
         """
         B, T = input_ids.shape
         start = cache.seen if cache is not None else 0
@@ -136,7 +146,7 @@ class GPTOSSForCausalLM(nn.Module):
         all_stats = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
+            if self.options.gradient_checkpointing and self.training:
                 x, stats = checkpoint(layer, x, cos, sin, positions, layer_cache, start, use_reentrant=False)
             else:
                 x, stats = layer(x, cos, sin, positions, layer_cache, start)
@@ -144,68 +154,31 @@ class GPTOSSForCausalLM(nn.Module):
         if cache is not None:
             cache.seen = start + T
         x = self.norm(x)
+
         out = CausalLMOutput(logits=None, router_stats=all_stats)
         if labels is not None or torch.is_grad_enabled():  # decoding (no grad, no labels) skips the router losses
             out.aux_loss = self.aux_loss(all_stats)
-        if labels is not None and not return_logits and self.config.loss_chunk_size:
-            # Position t predicts labels[t + 1] (HF's shift); -100 targets are ignored.
-            hidden = x[:, :-1].reshape(-1, x.shape[-1])
-            targets = labels[:, 1:].reshape(-1)
-            chunk = self.config.loss_chunk_size
-            out.lm_loss = linear_cross_entropy(
-                hidden, self.lm_head.weight, targets, chunk, workspace=self.loss_workspace
-            )
+        if labels is not None and not return_logits:
+            out.lm_loss = self._loss(x, labels)
         else:
-            if logits_to_keep:
-                x = x[:, -logits_to_keep:]
-            logits = self.lm_head(x)
+            out.logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
             if labels is not None:
-                out.lm_loss = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-                )
-            out.logits = logits if return_logits or labels is None else None
+                out.lm_loss = next_token_loss(out.logits, labels)
         if labels is not None:
             out.loss = out.lm_loss + out.aux_loss
         return out
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The next-token loss from the final hidden states x [B, T, hidden]: by the chunked kernel, which forms
+        options.loss_chunk_size rows of logits at a time (ossgpt.kernels.loss), or, with 0, the plain way."""
+        if not self.options.loss_chunk_size:
+            return next_token_loss(self.lm_head(x), labels)
+        hidden = x[:, :-1].reshape(-1, x.shape[-1])  # position t predicts labels[t + 1]
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels[:, 1:].reshape(-1),
+                                    self.options.loss_chunk_size, workspace=self.loss_workspace)  # fmt: skip
 
     def aux_loss(self, stats: list[RouterStats]) -> torch.Tensor:
         """Config-weighted load-balancing + z-loss, averaged over layers (so coefficients do not scale with depth)."""
         c = self.config
         per_layer = [c.router_aux_loss_coef * s.load_balancing_loss + c.router_z_loss_coef * s.z_loss for s in stats]
         return torch.stack(per_layer).mean()
-
-    # ------------------------------------------------------------------------------------------------------
-    def generate(self, input_ids, **kwargs) -> torch.Tensor:
-        """Autoregressive generation with a KV cache; see ossgpt.inference.generate.generate."""
-        from ossgpt.inference.generate import generate
-
-        return generate(self, input_ids, **kwargs)
-
-    def stream(self, input_ids, **kwargs):
-        """An iterator over the new tokens, one [B] tensor per step; see ossgpt.inference.generate.stream."""
-        from ossgpt.inference.generate import stream
-
-        return stream(self, input_ids, **kwargs)
-
-    def save_pretrained(self, directory, **kwargs) -> None:
-        """Write `model.safetensors` + `config.json`; see ossgpt.checkpoint.save_pretrained."""
-        from ossgpt.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> GPTOSSForCausalLM:
-        """Load an ossgpt or Hugging Face gpt-oss directory; see ossgpt.checkpoint.from_pretrained."""
-        from ossgpt.checkpoint import from_pretrained
-
-        return from_pretrained(directory, **kwargs)
-
-
-def _config_from_seed_kwargs(kwargs: dict) -> GPTOSSConfig:
-    """The seed's keyword constructor: its names (num_layers, num_experts, ...) over the mini preset."""
-    values = {SEED_ALIASES.get(k, k): v for k, v in kwargs.items()}
-    config = GPTOSSConfig.from_preset("mini")
-    # The seed passed vocab_size=100256 (cl100k's BPE ranks only); <|endoftext|> (100257) must still be an id.
-    if "vocab_size" in values and values["vocab_size"] <= config.eos_token_id and "eos_token_id" not in values:
-        values["vocab_size"] = round_up(config.eos_token_id + 1, 128)
-    return config.replace(**values)

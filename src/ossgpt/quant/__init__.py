@@ -1,1 +1,3 @@
-"""Quantized weights: the MXFP4 format gpt-oss is published in, and experts that keep it packed in memory."""
+"""Quantized models, applied from outside the model: its modules replaced by ones whose weights are stored in fewer
+bits (int8 for decoding, MXFP4 as gpt-oss is published), computing the same function up to their rounding.
+"""

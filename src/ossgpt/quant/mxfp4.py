@@ -1,6 +1,6 @@
 """Expert MLPs that keep their weights packed in MXFP4 and dequantize them on the fly.
 
-gpt-oss's experts hold ~90% of its parameters. Kept as MXFP4 (4.25 bits per weight, see ossgpt.quant.mxfp4) instead
+gpt-oss's experts hold ~90% of its parameters. Kept as MXFP4 (4.25 bits per weight, see ossgpt.kernels.mxfp4) instead
 of bfloat16, gpt-oss-20b's experts take ~11 GiB less memory. Each forward dequantizes only the experts that
 received tokens, one expert at a time, so at most one expert's dense weights exist at once.
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ossgpt.model.moe import Experts, clamped_swiglu
-from ossgpt.quant.mxfp4 import BLOCK_SIZE, dequantize
+from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize
+from ossgpt.model.moe import Experts
 
 
 class MXFP4Experts(Experts):
@@ -39,17 +39,16 @@ class MXFP4Experts(Experts):
         self.register_buffer("down_proj_scales", torch.empty(E, H, I // BLOCK_SIZE, **packed))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H], indices/weights [N, k] -> [N, H]: the loop reference of `Experts`, over the experts that
-        received tokens only, each one's weights dequantized to x's dtype for this call."""
-        out = torch.zeros_like(x)
-        for e in indices.unique().tolist():
-            token, slot = torch.where(indices == e)
-            gate_up = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype).T  # [H, 2I]
-            down = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], x.dtype).T  # [I, H]
-            h = clamped_swiglu(x[token] @ gate_up + self.gate_up_proj_bias[e], self.alpha, self.limit)
-            y = (h @ down + self.down_proj_bias[e]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(x.dtype))
-        return out
+        """x [N, H], indices/weights [N, k] -> [N, H]: the loop of `Experts.loop`, over the experts that received
+        tokens only, each one's weights dequantized for this call."""
+        return self.loop(x, indices, weights)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's MLP on its tokens, x [n, H] -> [n, H], its weights dequantized to x's dtype."""
+        gate_up = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype).T  # [H, 2I]
+        down = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], x.dtype).T  # [I, H]
+        h = self.activation(x @ gate_up + self.gate_up_proj_bias[e])
+        return h @ down + self.down_proj_bias[e]
 
 
 def use_mxfp4_experts(model) -> None:

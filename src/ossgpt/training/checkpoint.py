@@ -40,10 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
 from ossgpt.atomic import atomic_directory
 from ossgpt.checkpoint import save_pretrained
 from ossgpt.checkpoint.files import read_json
+from ossgpt.checkpoint.run_dir import CHECKPOINT, checkpoint_dir
 from ossgpt.config import GPTOSSConfig
 from ossgpt.errors import UserError
-from ossgpt.inference.loading import RUN_CHECKPOINT
-from ossgpt.model import GPTOSSForCausalLM
+from ossgpt.model import GPTOSS
 from ossgpt.tokenizer import TOKENIZER_FILE
 from ossgpt.training.distributed import DistContext
 
@@ -52,14 +52,8 @@ STATE_FILE = "trainer_state.json"
 STATE_FORMAT = "ossgpt-trainer-state"
 ADAMW_KEYS = ("step", "exp_avg", "exp_avg_sq")
 MUON_KEYS = ("momentum_buffer",)  # a Muon group's matrices (training.muon); its other groups are AdamW's
-# Model config fields that choose an implementation, not the function: a run may resume with others.
-RUNTIME_FIELDS = {"attn_implementation", "moe_implementation", "gradient_checkpointing"}
 # Tests set this to a number of seconds to hold a save open midway, long enough to kill the process there.
 PAUSE_ENV = "OSSGPT_TEST_SAVE_PAUSE"
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / RUN_CHECKPOINT
 
 
 # --- saving -------------------------------------------------------------------------------------------------------
@@ -95,10 +89,10 @@ def save_checkpoint(
     ctx.barrier()
 
 
-def _model_holding(config: GPTOSSConfig, state: dict[str, torch.Tensor]) -> GPTOSSForCausalLM:
+def _model_holding(config: GPTOSSConfig, state: dict[str, torch.Tensor]) -> GPTOSS:
     """A model whose parameters are `state`'s tensors (no copy, no initialisation), for save_pretrained."""
     with torch.device("meta"):
-        model = GPTOSSForCausalLM(config)
+        model = GPTOSS(config)
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -142,7 +136,7 @@ def set_rng_state(state: dict) -> None:
 def recover(run_dir: Path) -> None:
     """Tidy what a killed save left in `run_dir` (rank 0 only): delete temporary folders, and put the previous
     checkpoint back if it was moved aside and its replacement never arrived."""
-    name = RUN_CHECKPOINT
+    name = CHECKPOINT
     for tmp in run_dir.glob(f".{name}.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     moved_aside = sorted(run_dir.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
@@ -169,7 +163,7 @@ def check_compatible(saved: GPTOSSConfig, current: GPTOSSConfig, directory: Path
     differences = [
         f"{key} {saved_values[key]!r} (now {current_values[key]!r})"
         for key in saved_values
-        if key not in RUNTIME_FIELDS and saved_values[key] != current_values[key]
+        if saved_values[key] != current_values[key]
     ]
     if differences:
         raise UserError(

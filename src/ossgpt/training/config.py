@@ -1,13 +1,14 @@
-"""Training configuration: `TrainConfig`, per-preset defaults, and the model config a run trains.
+"""Training configuration: `TrainConfig`, and the model config a run trains.
 
 Every `TrainConfig` field is one `ossgpt train` flag (`max_steps` is `--max-steps`); its help text lives in the
 field's metadata, from which `ossgpt.cli.train` builds the parser. `TrainConfig.for_preset(name, **given)` takes
-every field the user did not give from the preset's defaults: `tiny` is sized for two CPU cores, the larger
-presets for one GPU or more.
+every field the user did not give from the preset's recipe (ossgpt.presets): `tiny` is sized for two CPU cores,
+the larger presets for one GPU or more.
 
-The model is the preset's, fitted to the prepared data (`model_config_for`): presets with a compact vocabulary
-(`tiny`) take the data's tokenizer and vocabulary; the others must be given data in their own tokenizer. A
-fine-tune (`--init-from CHECKPOINT`) takes the checkpoint's model instead, e.g. stretched by `--context-extension`.
+The model is the preset's (`model_config_for`), and the data must be tokenized with its tokenizer: `ossgpt prepare
+--preset NAME` does that. `--model-override tokenizer=SPEC` trains the preset's shape on another vocabulary,
+whose size and end token then come from the data. A fine-tune (`--init-from CHECKPOINT`) takes the checkpoint's
+model instead, e.g. stretched by `--context-extension`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ossgpt.checkpoint import load_config
-from ossgpt.config import PRESETS, GPTOSSConfig, round_up
+from ossgpt.checkpoint.run_dir import resolve_checkpoint
+from ossgpt.config import GPTOSSConfig, round_up
+from ossgpt.devices import DTYPES
 from ossgpt.errors import UserError
-from ossgpt.inference.loading import context_extension, resolve_checkpoint
+from ossgpt.inference.loading import context_extension
+from ossgpt.options import ATTENTION_KERNELS, EXPERT_KERNELS, RuntimeOptions
+from ossgpt.presets import DEFAULT_PRESET, PRESETS
 from ossgpt.tokenizer import TOKENIZER_FILE
 from ossgpt.training.optim import OPTIMIZERS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 VOCAB_MULTIPLE = 64  # embedding rows of a data-sized vocabulary are padded to this (friendlier matmul shapes)
@@ -42,7 +46,9 @@ class TrainConfig:
                         required=True)  # fmt: skip
     out: str = _option("", "run folder for checkpoint/, metrics.jsonl, loss.png, train.log and train_config.json",
                        metavar="RUN_DIR", required=True)  # fmt: skip
-    preset: str = _option("tiny", f"model preset: {', '.join(PRESETS)}", metavar="NAME")
+    preset: str = _option(
+        DEFAULT_PRESET, f"model, tokenizer and training recipe (ossgpt.presets): {', '.join(PRESETS)}", metavar="NAME"
+    )
     model_override: list[str] = field(
         default_factory=list,
         metadata={"help": "change a model config field, e.g. hidden_size=128 (repeatable)", "metavar": "KEY=VALUE"},
@@ -56,7 +62,10 @@ class TrainConfig:
         None, "with --init-from: fine-tune for F times the length the checkpoint trained on, with YaRN scaling set "
         "for it (pass the longer --seq-len too)", metavar="F",
     )  # fmt: skip
-    resume: bool = _option(False, "continue the run in RUN_DIR from its checkpoint (same data order and losses)")
+    resume: bool = _option(
+        False, "continue the run in RUN_DIR from its checkpoint (same data order and losses); a run killed before its "
+        "first checkpoint starts again from step 0, so the same command restarts a run killed at any moment"
+    )  # fmt: skip
     force: bool = _option(False, "start afresh in a RUN_DIR that already holds a run (its checkpoint is deleted)")
 
     # --- length ---------------------------------------------------------------------------------------------------
@@ -91,11 +100,21 @@ class TrainConfig:
     # --- numerics, speed, parallelism --------------------------------------------------------------------------------
     dtype: str = _option(
         "auto",
-        f"compute dtype under autocast ({', '.join(DTYPES)}; auto: bfloat16 on a CUDA GPU that supports it, else "
-        "float32); weights and optimizer state stay float32",
+        f"compute dtype under autocast (auto, {', '.join(DTYPES)}; auto: bfloat16 on a CUDA GPU that supports it, "
+        "else float32); weights and optimizer state stay float32",
         metavar="DTYPE",
     )
     compile: bool = _option(False, "torch.compile each transformer block (falls back to eager if compiling fails)")
+    attention: str = _option(
+        "sdpa", f"attention kernel ({' or '.join(ATTENTION_KERNELS)}: fused, or the einsum reference)", metavar="NAME"
+    )
+    experts: str = _option(
+        "sorted", f"expert kernel ({' or '.join(EXPERT_KERNELS)}: grouped products, or the per-expert reference)",
+        metavar="NAME",
+    )  # fmt: skip
+    loss_chunk_size: int = _option(
+        512, "rows of LM-head logits the loss forms at a time (0: all at once, the plain loss)", metavar="N"
+    )
     gradient_checkpointing: bool = _option(False, "recompute block activations in the backward pass (less memory)")
     keep_freed_memory: bool = _option(
         True, "on CPU (glibc): keep freed memory for reuse, so each step's big tensors are not paged in again "
@@ -108,6 +127,10 @@ class TrainConfig:
     eval_every: int = _option(250, "evaluate on the validation split every this many steps (and at the end)")
     eval_batches: int = _option(20, "validation batches per evaluation (the same windows every time)")
     save_every: int = _option(500, "save RUN_DIR/checkpoint every this many steps (and at the end)")
+    save_every_minutes: float = _option(
+        5.0, "also save once this many minutes of training have passed since the last save, so that a killed run "
+        "loses at most about that much", metavar="M",
+    )  # fmt: skip
     log_every: int = _option(10, "write a metrics.jsonl row every this many steps")
     seed: int = _option(1337, "seed of the model initialisation and of the data order")
     max_nan_steps: int = _option(10, "stop with an error after this many consecutive steps with a NaN/inf loss")
@@ -121,7 +144,7 @@ class TrainConfig:
         unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        values = {**PRESET_DEFAULTS.get(preset, {}), **given, "preset": preset}
+        values = {**PRESETS[preset].train, **given, "preset": preset}
         config = cls(**values)
         if config.min_lr is None:
             config.min_lr = config.learning_rate / 10
@@ -143,6 +166,10 @@ class TrainConfig:
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, "a positive integer")
         check(self.seed >= 0, "seed", ">= 0")
+        check(self.save_every_minutes > 0, "save_every_minutes", "positive")
+        check(self.attention in ATTENTION_KERNELS, "attention", f"one of {', '.join(ATTENTION_KERNELS)}")
+        check(self.experts in EXPERT_KERNELS, "experts", f"one of {', '.join(EXPERT_KERNELS)}")
+        check(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 0, "loss_chunk_size", ">= 0")
         check(self.seq_len >= 2, "seq_len", "at least 2 (one token and its successor)")
         check(self.warmup_steps >= 0, "warmup_steps", ">= 0")
         check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "positive")
@@ -153,7 +180,7 @@ class TrainConfig:
         check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", ">= 0")
-        check(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
+        check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"one of auto, {', '.join(DTYPES)}")
         check(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
         check(self.distributed in DISTRIBUTED, "distributed", f"one of {', '.join(DISTRIBUTED)}")
         if self.context_extension is not None and not self.init_from:
@@ -168,54 +195,43 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum_steps
 
-
-# What differs from the dataclass defaults (which suit `mini` and larger on GPUs), per preset.
-PRESET_DEFAULTS: dict[str, dict] = {
-    # Chosen by the runs in docs/recipe.md. ~1.24 s per step on 2 CPU cores (4,096 tokens, Muon included): 400
-    # steps is about 8 minutes; with `--max-minutes` the run and its learning-rate decay end with the budget if
-    # that comes first.
-    "tiny": dict(
-        max_steps=400,
-        batch_size=16,
-        seq_len=256,
-        optimizer="muon",
-        learning_rate=6e-3,
-        warmup_steps=20,
-        weight_decay=0.3,  # more than the 0.1 default: an 8-minute run sees its data ~1.7 times
-        eval_every=100,
-        eval_batches=8,
-        save_every=100,
-    ),
-}
+    @property
+    def runtime_options(self) -> RuntimeOptions:
+        """How the model runs in this job (ossgpt.options)."""
+        return RuntimeOptions(self.attention, self.experts, self.loss_chunk_size, self.gradient_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
-    """The preset's model config (or --init-from's), fitted to the data described by `meta` (a data folder's
-    meta.json), with `config.model_override` applied. UserError if the data cannot train this model."""
+    """The preset's model config (or --init-from's), with `config.model_override` applied, for the data described
+    by `meta` (a data folder's meta.json). UserError, naming the flag to change, if the data cannot train it."""
     data_tokenizer, data_vocab = meta["tokenizer"], meta["vocab_size"]
+    overrides = parse_model_overrides(config.model_override)
     if config.init_from:
         checkpoint = resolve_checkpoint(config.init_from)  # its model, with YaRN set for --context-extension
         model = load_config(checkpoint, **context_extension(checkpoint, config.context_extension, no_yarn=False))
         if data_tokenizer != model.tokenizer or not same_tokenizer_file(config.data, checkpoint):
             raise UserError(
                 f"{config.data} is tokenized with another vocabulary ({data_tokenizer}) than {checkpoint} "
-                f"({model.tokenizer}): fine-tune on data prepared with the checkpoint's tokenizer"
+                f"({model.tokenizer}): fine-tune on data prepared with `ossgpt prepare --tokenizer {model.tokenizer}`"
             )
     else:
         model = GPTOSSConfig.from_preset(config.preset)
-        if ":" in model.tokenizer:  # a compact, corpus-fitted vocabulary: the data decides which one
-            model = model.replace(
-                tokenizer=data_tokenizer,
-                vocab_size=round_up(data_vocab, VOCAB_MULTIPLE),
-                eos_token_id=meta["eot_token_id"],
-            )
-        elif data_tokenizer != model.tokenizer:
+        if overrides.get("tokenizer", model.tokenizer) != model.tokenizer:
+            # The preset's shape on another vocabulary: its size and end token are the data's (unless overridden).
+            model = model.replace(vocab_size=round_up(data_vocab, VOCAB_MULTIPLE), eos_token_id=meta["eot_token_id"])
+        wanted = overrides.get("tokenizer", model.tokenizer)
+        if data_tokenizer != wanted and wanted == model.tokenizer:
             raise UserError(
-                f"{config.data} is tokenized with {data_tokenizer}, but preset {config.preset} expects "
-                f"{model.tokenizer}: re-run `ossgpt prepare --tokenizer {model.tokenizer}`, or choose another --preset"
+                f"{config.data} is tokenized with {data_tokenizer}, but preset {config.preset} uses {wanted}: "
+                f"re-run `ossgpt prepare --preset {config.preset}` (or --tokenizer {wanted}), or train this preset on "
+                f"the data's vocabulary with --model-override tokenizer={data_tokenizer}"
             )
-    overrides = parse_model_overrides(config.model_override)
+        if data_tokenizer != wanted:
+            raise UserError(
+                f"{config.data} is tokenized with {data_tokenizer}, but --model-override tokenizer={wanted} asks for "
+                f"{wanted}: override tokenizer={data_tokenizer}, or re-run `ossgpt prepare --tokenizer {wanted}`"
+            )
     try:
         model = model.replace(**overrides)
     except (TypeError, ValueError) as err:

@@ -1,6 +1,6 @@
 """Training and validation batches from a prepared data folder (see ossgpt.data.prepare).
 
-    meta = read_meta(data_dir)
+    meta = read_meta(data_dir)                            # ossgpt.data.prepare
     train = TrainBatches(open_split(data_dir, "train", seq_len), batch_size, seq_len, seed, grad_accum_steps,
                          rank, world_size)
     input_ids = train.batch(step, micro_step)             # [batch_size / world_size, seq_len] int64
@@ -18,64 +18,30 @@ windows of the whole global batch and reads rows rank, rank + world_size, ... of
 batch_size / N rows each see exactly the batch of one process with batch_size rows.
 
 Validation is a fixed set of windows spread evenly over the split: the same at every evaluation.
-
-`prepare_train_eval` builds a data folder from separate train and eval text files (for the seed's main.py).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ossgpt.data.tokens import read_tokens
 from ossgpt.errors import UserError
-from ossgpt.tokenizer import TOKENIZER_FILE
-
-TOKEN_DTYPE = np.uint32
-META_KEYS = ("tokenizer", "vocab_size", "eot_token_id", "train_tokens", "val_tokens", "val_bytes")
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    """A data folder's meta.json, after checking that the folder holds what training needs."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(
-            f"data folder {data_dir} does not exist; create it with `ossgpt prepare TEXT... --out {data_dir}`"
-        )
-    path = data_dir / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{data_dir} has no meta.json: not a data folder written by `ossgpt prepare`")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; re-run `ossgpt prepare`") from None
-    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; re-run `ossgpt prepare`")
-    if not (data_dir / TOKENIZER_FILE).is_file():
-        raise UserError(f"{data_dir} has no {TOKENIZER_FILE}; re-run `ossgpt prepare`")
-    return meta
 
 
 def open_split(data_dir: str | Path, split: str, seq_len: int) -> np.ndarray:
     """The tokens of `split` ("train" or "val") [N], memory-mapped; UserError if fewer than seq_len + 1."""
     path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise UserError(f"{path} not found; re-run `ossgpt prepare`")
-    size = path.stat().st_size
-    itemsize = np.dtype(TOKEN_DTYPE).itemsize
-    if size % itemsize:
-        raise UserError(f"{path} is not a file of uint32 tokens ({size} bytes); re-run `ossgpt prepare`")
-    if size // itemsize < seq_len + 1:
+    tokens = read_tokens(path)
+    if len(tokens) < seq_len + 1:
         hint = " (val.bin holds the last --val-fraction of each document)" if split == "val" else ""
         raise UserError(
-            f"{path} holds {size // itemsize} tokens, fewer than --seq-len + 1 = {seq_len + 1}: lower --seq-len "
+            f"{path} holds {len(tokens)} tokens, fewer than --seq-len + 1 = {seq_len + 1}: lower --seq-len "
             f"or add text{hint}"
         )
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    return tokens
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
@@ -133,31 +99,3 @@ def validation_batches(
     when the split is short); this process's rows of each."""
     starts = np.linspace(0, len(tokens) - seq_len, batch_size * num_batches).round().astype(np.int64)
     return [windows(tokens, batch[rank::world_size], seq_len) for batch in starts.reshape(num_batches, batch_size)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-def prepare_train_eval(
-    train_files: Sequence[str | Path], eval_files: Sequence[str | Path], out_dir: str | Path, tokenizer: str
-) -> dict:
-    """Write a data folder whose train.bin holds `train_files` and val.bin `eval_files` (each file one document,
-    as `ossgpt prepare` does; a compact tokenizer is fitted on the train files only). Replaces `out_dir`.
-    Returns meta.json's contents."""
-    from ossgpt.atomic import atomic_output
-    from ossgpt.data.prepare import find_input_files, note_encoding, prepare, read_text, write_tokens
-    from ossgpt.tokenizer import load_tokenizer
-
-    with atomic_output(out_dir) as tmp:
-        meta = prepare(train_files, tmp, tokenizer=tokenizer, val_fraction=0.0)
-        tok = load_tokenizer(meta["tokenizer"], tmp)
-        eot = np.array([tok.eot_token_id], dtype=TOKEN_DTYPE)
-        parts, n_bytes = [], 0
-        for path in find_input_files(eval_files):
-            text, encoding = read_text(path)
-            note_encoding(path, encoding)
-            if text.strip():
-                parts += [np.asarray(tok.encode_ordinary(text), dtype=TOKEN_DTYPE), eot]
-                n_bytes += len(text.encode("utf-8"))
-        write_tokens(tmp / "val.bin", parts)
-        meta.update(val_tokens=sum(len(p) for p in parts), val_bytes=n_bytes, val_files=[str(p) for p in eval_files])
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta

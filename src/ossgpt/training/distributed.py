@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ossgpt.devices import resolve_device
 from ossgpt.errors import UserError
 
 try:
@@ -90,19 +91,6 @@ def setup(mode: str, device: str) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     return DistContext(mode, target, int(os.environ["RANK"]), local_rank, world_size)
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """This process's device for --device auto|cpu|cuda (GPU number local_rank)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda, but CUDA is not available here; use --device cpu")
-    if local_rank >= torch.cuda.device_count():
-        raise UserError(f"process {local_rank} needs GPU {local_rank} but only {torch.cuda.device_count()} are visible")
-    return torch.device("cuda", local_rank)
 
 
 def teardown() -> None:

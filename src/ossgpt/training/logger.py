@@ -26,10 +26,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import ossgpt
-
-LOG_FILE = "train.log"
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
+from ossgpt.checkpoint.run_dir import LOG, METRICS, PLOT
 
 
 class RunLogger:
@@ -45,7 +42,7 @@ class RunLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path, self.plot_path = run_dir / METRICS_FILE, run_dir / PLOT_FILE
+        self.metrics_path, self.plot_path = run_dir / METRICS, run_dir / PLOT
         rows = _read_rows(self.metrics_path) if resume_step is not None else []
         kept = [row for row in rows if row.get("step", math.inf) <= resume_step] if rows else []
         self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
@@ -53,7 +50,7 @@ class RunLogger:
             self.plot_path.unlink(missing_ok=True)  # a previous run's
         for row in kept:
             self._remember(row)
-        self.log_file = open(run_dir / LOG_FILE, "a" if resume_step is not None else "w")  # noqa: SIM115
+        self.log_file = open(run_dir / LOG, "a" if resume_step is not None else "w")  # noqa: SIM115
         self.bar = None
         if sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=resume_step or 0, unit="step", dynamic_ncols=True)
@@ -134,7 +131,7 @@ class RunLogger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(f".{PLOT_FILE}.tmp")
+        tmp = self.plot_path.with_name(f".{PLOT}.tmp")
         fig.savefig(tmp, format="png", dpi=110)
         os.replace(tmp, self.plot_path)  # a viewer never sees a half-written image
 

@@ -55,7 +55,7 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
 
 def uses_muon(name: str, param: torch.Tensor) -> bool:
     """Whether a parameter is a hidden-layer weight matrix (Muon) rather than an embedding, router, bias, norm or
-    sink (AdamW). Names are those of `GPTOSSForCausalLM.named_parameters()`, under any wrapper's prefix."""
+    sink (AdamW). Names are those of `GPTOSS.named_parameters()`, under any wrapper's prefix."""
     if param.ndim < 2:
         return False
     attention = ".self_attn." in name and name.endswith("_proj.weight")  # q, k, v, o

@@ -8,16 +8,15 @@ One optimizer step:
 The loss that trains is the model's `.loss`: next-token cross-entropy (`lm_loss`) plus the weighted router
 losses (`aux_loss`). Both are logged, with each layer's load-balancing and z losses and its experts' load.
 
-Every eval_every steps: validation loss, perplexity and bits per byte; every save_every steps: RUN_DIR/checkpoint.
-At the end (max_steps done, or --max-minutes spent) a last evaluation and save. `--resume` continues from the
-checkpoint: the data order is a function of the step (see training.data), the learning rate too (training.optim),
-and the checkpoint holds the weights, the optimizer state and the RNG states, so a resumed run takes the very steps
-an uninterrupted one would.
+Every eval_every steps: validation loss, perplexity and bits per byte. Every save_every steps, and whenever
+save_every_minutes have passed since the last save: RUN_DIR/checkpoint. At the end (max_steps done, or --max-minutes
+spent) a last evaluation and save. `--resume` continues from the checkpoint: the data order is a function of the
+step (see training.data), the learning rate too (training.optim), and the checkpoint holds the weights, the
+optimizer state and the RNG states, so a resumed run takes the very steps an uninterrupted one would. A run killed
+before its first save has nothing to resume: `--resume` then starts it from step 0, so that one command
+(`until ossgpt train ... --resume; do :; done`) restarts a run killed at any moment.
 
-    RUN_DIR/
-      train_config.json                  the resolved TrainConfig, the number of processes and the model config
-      train.log, metrics.jsonl, loss.png  what the run did (see training.logger)
-      checkpoint/                        the latest checkpoint, a model directory too (see training.checkpoint)
+What RUN_DIR holds: see ossgpt.checkpoint.run_dir.
 
 Only rank 0 writes. Every process checks the inputs, so that a bad one stops them all with the same error.
 """
@@ -34,14 +33,15 @@ from pathlib import Path
 import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
+from ossgpt.checkpoint.run_dir import TRAIN_CONFIG, checkpoint_dir, resolve_checkpoint
+from ossgpt.data.prepare import read_meta
+from ossgpt.devices import DTYPES, resolve_dtype
 from ossgpt.errors import UserError
-from ossgpt.inference.loading import resolve_checkpoint
-from ossgpt.model import CausalLMOutput, GPTOSSForCausalLM
+from ossgpt.model import GPTOSS, CausalLMOutput
 from ossgpt.tokenizer import TOKENIZER_FILE
 from ossgpt.training import distributed
 from ossgpt.training.checkpoint import (
     check_compatible,
-    checkpoint_dir,
     load_optimizer_state,
     read_trainer_state,
     recover,
@@ -49,13 +49,10 @@ from ossgpt.training.checkpoint import (
     set_rng_state,
 )
 from ossgpt.training.config import TrainConfig, model_config_for
-from ossgpt.training.data import TrainBatches, open_split, read_meta, validation_batches
+from ossgpt.training.data import TrainBatches, open_split, validation_batches
 from ossgpt.training.host_memory import keep_freed_memory
 from ossgpt.training.logger import RunLogger, environment_lines
 from ossgpt.training.optim import build_optimizer, lr_at, set_lr
-
-TRAIN_CONFIG_FILE = "train_config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def train(config: TrainConfig) -> dict:
@@ -69,13 +66,6 @@ def train(config: TrainConfig) -> dict:
             trainer.logger.close()
     finally:
         distributed.teardown()
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """--dtype auto -> bfloat16 on a GPU that supports it, else float32; other names unchanged."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 
 
 class Trainer:
@@ -107,6 +97,7 @@ class Trainer:
             open_split(config.data, "val", config.seq_len), config.batch_size, config.seq_len, config.eval_batches,
             ctx.rank, ctx.world_size,
         )  # fmt: skip
+        self.resume_note = None  # what --resume did, when it started a run that had no checkpoint yet
         state = self._resume_state()
         model = self._build_model(resumed=state is not None)
         n_params = model.num_parameters()
@@ -126,6 +117,7 @@ class Trainer:
         self.seconds, self.warmup_end_seconds = 0.0, None
         if state is not None:
             self._restore(state)
+        self.last_save_seconds = self.seconds
         self._start_records(n_params, resumed=state is not None)
 
     # --- setting up -------------------------------------------------------------------------------------------
@@ -134,35 +126,58 @@ class Trainer:
         checkpoint = checkpoint_dir(self.run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"--out {self.run_dir} is a file; pass a folder")
+        for name, kind in (("config.json", "a model directory"), ("meta.json", "a prepared data folder")):
+            if (self.run_dir / name).is_file():
+                raise UserError(f"--out {self.run_dir} is {kind}, not a run folder; choose another --out")
         if self.ctx.is_main and self.run_dir.is_dir():
             recover(self.run_dir)
         self.ctx.barrier()
-        if self.config.resume:
-            if not checkpoint.is_dir():
-                raise UserError(f"--resume: {self.run_dir} holds no checkpoint to resume; drop --resume to start a run")
+        if self.config.resume and checkpoint.is_dir():
             state = read_trainer_state(checkpoint)
             check_compatible(load_config(checkpoint), self.model_config, checkpoint)
             return state
-        if checkpoint.exists() and not self.config.force:
+        if self.config.resume:  # killed before its first checkpoint: start it, if it is this run
+            self._check_same_run()
+            self.resume_note = f"--resume: {self.run_dir} holds no checkpoint yet; starting the run from step 0"
+        elif checkpoint.exists() and not self.config.force:
             raise UserError(
                 f"{self.run_dir} already holds a run (checkpoint/): pass --resume to continue it, or --force to "
                 "start afresh (its checkpoint is deleted)"
             )
         return None
 
-    def _build_model(self, resumed: bool) -> GPTOSSForCausalLM:
-        device = self.ctx.device
+    def _check_same_run(self) -> None:
+        """UserError if RUN_DIR's train_config.json records another run than this one (other data or model)."""
+        path = self.run_dir / TRAIN_CONFIG
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"--resume: {path} is not a run record; pass --force to start a new run in {self.run_dir}")
+        differences = [
+            name for name, now in (("data", self.config.data), ("model", self.model_config.to_dict()))
+            if record.get(name) != now
+        ]  # fmt: skip
+        if differences:
+            raise UserError(
+                f"--resume: {self.run_dir} holds no checkpoint, and its {TRAIN_CONFIG} records another run (its "
+                f"{' and '.join(differences)} differ): pass --force to start this one there, or choose another --out"
+            )
+
+    def _build_model(self, resumed: bool) -> GPTOSS:
+        device, options = self.ctx.device, self.config.runtime_options
         if resumed:
-            model = from_pretrained(checkpoint_dir(self.run_dir), device=device)
+            model = from_pretrained(checkpoint_dir(self.run_dir), device=device, options=options)
         elif self.config.init_from:  # a fine-tune: the checkpoint's weights in this run's model config
-            model = from_pretrained(resolve_checkpoint(self.config.init_from), device=device,
+            model = from_pretrained(resolve_checkpoint(self.config.init_from), device=device, options=options,
                                     **self.model_config.to_dict())  # fmt: skip
         else:
             torch.manual_seed(self.config.seed)  # every process initialises the same weights
             with torch.device(device):
-                model = GPTOSSForCausalLM(self.model_config)
-        if self.config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+                model = GPTOSS(self.model_config, options)
         return model.train()
 
     def _restore(self, state: dict) -> None:
@@ -182,9 +197,11 @@ class Trainer:
             if config.force:
                 shutil.rmtree(checkpoint_dir(self.run_dir), ignore_errors=True)
             record = {**config.to_dict(), "world_size": self.ctx.world_size, "model": self.model_config.to_dict()}
-            (self.run_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            (self.run_dir / TRAIN_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         for line in environment_lines():
             log.info(line)
+        if self.resume_note:
+            log.info(self.resume_note)
         log.info(
             f"{'resuming at step ' + str(self.step) if resumed else 'new run'} in {self.run_dir}: preset "
             f"{config.preset}, {n_params:,} parameters, vocabulary {self.model_config.vocab_size} "
@@ -195,6 +212,10 @@ class Trainer:
             f"{config.tokens_per_step:,} tokens per step ({config.batch_size} x {config.seq_len} x "
             f"{config.grad_accum_steps}), {config.max_steps} steps"
             + (f", at most {config.max_minutes:g} minutes" if config.max_minutes else "")
+        )
+        log.info(
+            f"checkpoints every {config.save_every} steps or {config.save_every_minutes:g} minutes, whichever comes "
+            f"first; {config.runtime_options}"
         )
         if self.kept_freed_memory is not None:
             kept = "freed memory is kept for reuse (glibc mallopt)"
@@ -221,7 +242,7 @@ class Trainer:
                 interval_seconds, interval_tokens = 0.0, 0
             if self.step % config.eval_every == 0 or done:
                 last_eval = self.evaluate()
-            if self.step % config.save_every == 0 or done:
+            if self.step % config.save_every == 0 or done or self._save_is_due():
                 self.save()
             if done:
                 break
@@ -273,6 +294,11 @@ class Trainer:
         self.tokens += config.tokens_per_step
         out_of_time = config.max_minutes is not None and self.seconds >= 60 * config.max_minutes
         return {"step": self.step, "tokens": self.tokens, **row}, out_of_time
+
+    def _save_is_due(self) -> bool:
+        """Whether save_every_minutes have passed since the last save (the same answer on every process: `seconds`
+        is their mean)."""
+        return self.seconds - self.last_save_seconds >= 60 * self.config.save_every_minutes
 
     def time_progress(self) -> float:
         """The share of the --max-minutes budget left after the warm-up that is spent (0 without a budget)."""
@@ -349,6 +375,7 @@ class Trainer:
         }
         save_checkpoint(self.run_dir, self.model, self.optimizer, self.model_config, state,
                         Path(self.config.data) / TOKENIZER_FILE, self.ctx)  # fmt: skip
+        self.last_save_seconds = self.seconds
         self.logger.info(f"saved {checkpoint_dir(self.run_dir)} at step {self.step}")
 
 

@@ -1,0 +1,14 @@
+"""The speed: fast twins of the plain computations in ossgpt.model, each chosen by a runtime switch and tested
+against the plain version (tests/test_fast_paths.py, tests/test_mxfp4.py).
+
+    attention.py   fused attention with sinks            twin of model.attention.eager_attention
+                                                          RuntimeOptions(attention="sdpa")
+    experts.py     sorted dispatch, grouped products     twin of model.moe.Experts.loop
+                                                          RuntimeOptions(experts="sorted")
+    loss.py        chunked linear cross-entropy          twin of model.model.next_token_loss of the LM head
+                                                          RuntimeOptions(loss_chunk_size=C)
+    int8.py        int8 weight-only and W8A8 products    twin of F.linear; ossgpt.quant.int8 (--quantize)
+    mxfp4.py       the MXFP4 format, unpacked            ossgpt.quant.mxfp4 (--mxfp4), checkpoint loading
+
+Kernels are functions of tensors: they import nothing from the rest of ossgpt, and the model imports them.
+"""

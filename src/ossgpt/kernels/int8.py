@@ -1,0 +1,107 @@
+"""int8 matrix products: weights stored as int8 with one scale per output channel, multiplied without
+materialising the float weights. The plain twin of each is `F.linear` of the dequantized weight.
+
+    quantize_int8(weight)                     float [out, in] -> int8 [out, in], bfloat16 scales [out]
+    int8_linear(x, qweight, scales)           weight-only: bfloat16 activations x int8 weights
+                                              (`torch._weight_int8pack_mm`)
+    int8_dynamic_linear(x, qweight, scales)   W8A8: x quantized per row at run time too, int8 x int8 summed
+                                              exactly in int32 (`torch._int_mm`), then scaled by row x channel
+
+Each torch kernel is probed once on a tiny product with a known answer before it is trusted (their support and
+their correctness vary with the torch version, the device and the shapes); without it, the same products run
+through the plain path. ossgpt.quant.int8 builds decoding models from these; `python bench/int8_rows.py` times
+them against each other and the float kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] float -> (int8 [out, in], scales [out] bfloat16) with weight ~= int8 * scales[:, None].
+
+    The scales are rounded to bfloat16 (the kernel's dtype) before quantizing, so int8 * scale is exactly what
+    the kernel multiplies by."""
+    scales = (weight.detach().abs().amax(dim=1).float().clamp(min=1e-12) / 127).to(torch.bfloat16)
+    return (weight.detach().float() / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., in] times int8 weight [out, in] (per-row bfloat16 scales [out]) -> [..., out] in x's dtype.
+
+    The kernel takes bfloat16 activations (its float32 variant is ~10x slower on CPU); without it, or when `in`
+    is not a multiple of 16, the reference: dequantize, then an ordinary matmul. (torch 2.13's CPU kernel gives
+    wrong sums or crashes for other widths, e.g. 8, 12 or 24: `tests/test_fast_paths.py` checks a range of them.)"""
+    flat = x.reshape(-1, x.shape[-1])
+    if x.shape[-1] % 16 == 0 and int8_mm_available(x.device):
+        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), weight, scales)
+    else:
+        out = F.linear(flat, weight.to(flat.dtype) * scales.to(flat.dtype)[:, None])
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] float -> (int8 [rows, in], scales [rows, 1] float32) with x ~= int8 * scales (symmetric,
+    absmax / 127 per row; an all-zero row gets scale 1e-12 / 127 and zeros)."""
+    scales = x.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127
+    return (x.float() / scales).round_().clamp_(-127, 127).to(torch.int8), scales
+
+
+def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., in] float, quantized per row at run time, times int8 weight [out, in] (bfloat16 scales [out])
+    -> [..., out] in x's dtype: (x_int8 @ weight^T) summed exactly in int32, times row scale x channel scale.
+
+    `torch._int_mm` where it works on this device; elsewhere the same integer products in float32 (exact while
+    in x 127^2 < 2^24, i.e. in <= 1040; float32-rounded sums beyond)."""
+    flat = x.reshape(-1, x.shape[-1])
+    x_q, x_scales = quantize_rows(flat)
+    if int_mm_available(x.device):
+        acc = torch._int_mm(x_q, weight.t())  # [rows, out] int32
+    else:
+        acc = x_q.float() @ weight.float().t()
+    out = acc.float().mul_(scales).mul_(x_scales)  # [rows, out] float32; in place: one pass fewer than acc * s
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def int_mm_available(device: torch.device) -> bool:
+    """Whether `torch._int_mm` takes one-row products on this device type and sums them exactly (probed once).
+
+    CUDA's kernel wants more than 16 rows, so there decoding takes the float32 path instead."""
+    return _kernel_works("_int_mm", device.type)
+
+
+def int8_mm_available(device: torch.device) -> bool:
+    """Whether `torch._weight_int8pack_mm` exists and is right on this device type (probed once, then cached)."""
+    return _kernel_works("_weight_int8pack_mm", device.type)
+
+
+@functools.cache
+def _kernel_works(kernel: str, device_type: str) -> bool:
+    """Whether torch.<kernel> exists and gets its probe (`_PROBES`) right on this device type."""
+    if not hasattr(torch, kernel):
+        return False
+    try:
+        return _PROBES[kernel](torch.device(device_type))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _probe_int_mm(device: torch.device) -> bool:
+    a = torch.arange(-63, 65, device=device, dtype=torch.int8).view(1, 128)
+    b = torch.arange(-127, 129, device=device).remainder(255).sub(127).to(torch.int8).view(128, 2)
+    return bool(torch.equal(torch._int_mm(a, b).long(), (a.double() @ b.double()).long()))
+
+
+def _probe_int8pack_mm(device: torch.device) -> bool:
+    x = torch.linspace(-1, 1, 64, device=device).view(2, 32).to(torch.bfloat16)
+    w = torch.arange(-64, 64, device=device, dtype=torch.int8).view(4, 32)
+    scales = torch.tensor([0.5, 1.0, 2.0, 4.0], device=device, dtype=torch.bfloat16)
+    expected = x.float() @ (w.float() * scales.float()[:, None]).T
+    return bool(torch.allclose(torch._weight_int8pack_mm(x, w, scales).float(), expected, rtol=2e-2, atol=2e-2))
+
+
+_PROBES = {"_int_mm": _probe_int_mm, "_weight_int8pack_mm": _probe_int8pack_mm}
