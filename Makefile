@@ -20,7 +20,8 @@ install:  ## torch first (the CPU wheel; an unpinned torch pulls gigabytes of CU
 	@$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 
 demo: install  ## prepare a small corpus, train the tiny preset for a few CPU minutes, evaluate, generate
-	$(PYTHON) -m ossgpt prepare $(DATA) --out $(RUN)/data --tokenizer cl100k_base:8192 --force
+	@# The command line's defaults are the tiny preset's recipe: its tokenizer, model and training settings.
+	$(PYTHON) -m ossgpt prepare $(DATA) --out $(RUN)/data --force
 	$(PYTHON) -m ossgpt train --data $(RUN)/data --out $(RUN) --preset tiny --max-minutes $(MINUTES) --force
 	$(PYTHON) -m ossgpt eval --checkpoint $(RUN) $(HELDOUT) --train-data $(RUN)/data --plot $(RUN)/plots
 	$(PYTHON) -m ossgpt generate --checkpoint $(RUN) --prompt "It was a dark and stormy night" --max-new-tokens 80 --seed 0
@@ -32,8 +33,8 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint:
-	$(PYTHON) -m ruff check src tests bench main.py prep_corpus.py
-	$(PYTHON) -m ruff format --check src tests bench main.py prep_corpus.py
+	$(PYTHON) -m ruff check src tests bench examples main.py prep_corpus.py
+	$(PYTHON) -m ruff format --check src tests bench examples main.py prep_corpus.py
 
 bench: install
 	$(PYTHON) bench/run.py

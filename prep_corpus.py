@@ -1,4 +1,4 @@
-"""Write train.txt and eval.txt, the seed's plain-text corpus files.
+"""Write train.txt and eval.txt, the prototype's plain-text corpus files.
 
     python prep_corpus.py                                   # ~150 MB of OpenWebText (internet + pip install datasets)
     python prep_corpus.py --input novels/ --input notes.txt --out_dir corpus      # from local text files instead
@@ -6,7 +6,7 @@
 Every document (a web page, or a local file) is split in two: its last --eval_fraction of characters goes to
 eval.txt, the rest to train.txt, so eval is unseen text from every document. Documents are separated by a blank
 line. `ossgpt prepare` is the fuller path to training data (token files, document separators, a compact
-vocabulary); this script keeps the seed's interface, reading files the same way `ossgpt prepare` does.
+vocabulary); this script keeps the prototype's interface, reading files the same way `ossgpt prepare` does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The seed's `python main.py --train_data ... --eval_data ...`: end to end, epochs to steps, torchrun, bad input."""
+"""The prototype's `python main.py --train_data ... --eval_data ...`: end to end, epochs, torchrun, bad input."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def texts(tmp_path):
 
 
 def test_main_py_end_to_end(tmp_path, texts, monkeypatch):
-    """The seed's command, with the preset's own (compact cl100k) tokenizer when its vocabulary is available."""
+    """The prototype's command, with the preset's own (compact cl100k) tokenizer when its vocabulary is available."""
     train, held_out = texts
     out = tmp_path / "run"
     flags = SHORT

@@ -1,4 +1,4 @@
-"""prep_corpus.py, the seed's train.txt/eval.txt script: local inputs, split, encodings, offline errors."""
+"""prep_corpus.py, the prototype's train.txt/eval.txt script: local inputs, split, encodings, offline errors."""
 
 import importlib.util
 import subprocess

@@ -70,6 +70,46 @@ def test_resumed_run_equals_an_uninterrupted_one(optimizer, tmp_path, data, monk
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_one_command_restarts_a_run_killed_at_any_moment(tmp_path, data, monkeypatch):
+    """`until ossgpt train ... --resume; do :; done`: --resume starts a run that has no checkpoint yet (never started,
+    or killed before its first save) and continues one that has; the result is the uninterrupted run's."""
+    flags = ["--max-steps", "5", "--save-every", "3", "--resume"]
+    assert main(train_argv(data, tmp_path / "straight", *flags)) == 0  # --resume on a new folder: a new run
+    run = tmp_path / "run"
+    for stop_step in (1, 4):  # before the first save (nothing to resume), then after it
+        with monkeypatch.context() as patch:
+            interrupt_at(patch, stop_step)
+            assert main(train_argv(data, run, *flags)) == 130
+    assert "holds no checkpoint yet; starting the run from step 0" in (run / "train.log").read_text()
+    assert main(train_argv(data, run, *flags)) == 0
+    assert "resuming at step 3" in (run / "train.log").read_text()
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = (load_file(tmp_path / folder / "checkpoint" / name) for folder in ("straight", "run"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_restart_before_the_first_save_says_so(tmp_path, data, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stop_step=1)
+        assert main(train_argv(data, run, "--max-steps", "3")) == 130
+    assert (run / "train_config.json").is_file() and not (run / "checkpoint").exists()
+    assert main(train_argv(data, run, "--max-steps", "3", "--resume")) == 0
+    assert "holds no checkpoint yet; starting the run from step 0" in (run / "train.log").read_text()
+
+
+def test_checkpoints_by_time_as_well_as_by_steps(tmp_path, data, monkeypatch):
+    """With a save due every few minutes, a kill loses at most that much, however far apart --save-every is."""
+    run = tmp_path / "run"
+    flags = ["--max-steps", "6", "--save-every", "1000", "--save-every-minutes", "1e-9"]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stop_step=2)
+        assert main(train_argv(data, run, *flags)) == 130
+    assert json.loads((run / "checkpoint/trainer_state.json").read_text())["step"] == 2
+    log = (run / "train.log").read_text()
+    assert "saved" in log and "at step 1" in log and "checkpoints every 1000 steps or 1e-09 minutes" in log
+
+
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, data, monkeypatch):
     run = tmp_path / "run"
     flags = ["--max-steps", "4", "--save-every", "2"]

@@ -28,29 +28,17 @@ class Preset:
     train: dict = field(default_factory=dict)  # TrainConfig fields that differ from its defaults
 
 
+# fmt: off
+# Each model table lists, a line each: the vocabulary; the transformer's shape; the experts; the context and
+# attention window; the rotary embedding.
 _GPT_OSS_20B = dict(
-    tokenizer="o200k_harmony",
-    vocab_size=201_088,
-    eos_token_id=200_002,  # <|return|>
-    pad_token_id=199_999,
-    hidden_size=2880,
-    num_hidden_layers=24,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    head_dim=64,
-    num_local_experts=32,
-    num_experts_per_tok=4,
-    intermediate_size=2880,
-    max_position_embeddings=131_072,
-    rope_theta=150_000.0,
-    rope_type="yarn",
-    rope_factor=32.0,
-    rope_original_max_position_embeddings=4096,
-    rope_beta_fast=32.0,
-    rope_beta_slow=1.0,
-    rope_truncate=False,
+    tokenizer="o200k_harmony", vocab_size=201_088, eos_token_id=200_002, pad_token_id=199_999,  # eos: <|return|>
+    hidden_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
     tie_word_embeddings=False,
-    sliding_window=128,
+    num_local_experts=32, num_experts_per_tok=4, intermediate_size=2880,
+    max_position_embeddings=131_072, sliding_window=128,
+    rope_theta=150_000.0, rope_type="yarn", rope_factor=32.0, rope_original_max_position_embeddings=4096,
+    rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=False,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -61,37 +49,19 @@ PRESETS: dict[str, Preset] = {
         # ossgpt.tokenizer.CompactTokenizer). Its ids: 0-255 bytes, 256 <|endoftext|>, then the kept tokens, so at
         # most 8,449 ids, padded to 8,512 rows (a multiple of 64).
         model=dict(
-            tokenizer="cl100k_base:8192",
-            vocab_size=8_512,
-            eos_token_id=256,
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            intermediate_size=512,
-            max_position_embeddings=1024,
-            sliding_window=128,
-            rope_theta=10_000.0,
-            rope_type="default",
-            rope_factor=1.0,
-            rope_original_max_position_embeddings=1024,
+            tokenizer="cl100k_base:8192", vocab_size=8_512, eos_token_id=256,
+            hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            num_local_experts=4, num_experts_per_tok=2, intermediate_size=512,
+            max_position_embeddings=1024, sliding_window=128,
+            rope_theta=10_000.0, rope_type="default", rope_factor=1.0, rope_original_max_position_embeddings=1024,
         ),
-        # Chosen by the runs in docs/recipe.md. 400 steps of 4,096 tokens; with --max-minutes the run and its
-        # learning-rate decay end with the budget if that comes first (BENCHMARKS.md has the step time).
+        # Chosen by the runs in docs/recipe.md: 400 steps of 16 x 256 tokens, Muon for the hidden matrices. With
+        # --max-minutes the run and its learning-rate decay end with the budget if that comes first.
         train=dict(
-            max_steps=400,
-            batch_size=16,
-            seq_len=256,
-            optimizer="muon",
-            learning_rate=6e-3,
-            warmup_steps=20,
+            max_steps=400, batch_size=16, seq_len=256,
+            optimizer="muon", learning_rate=6e-3, warmup_steps=20,
             weight_decay=0.3,  # more than the 0.1 default: an 8-minute run sees its data ~1.7 times
-            eval_every=100,
-            eval_batches=8,
-            save_every=100,
+            eval_every=100, eval_batches=8, save_every=100,
         ),
     ),
     # The prototype's model. Its vocabulary is cl100k_base's 100,256 BPE ranks, but the special tokens go up to id
@@ -102,23 +72,12 @@ PRESETS: dict[str, Preset] = {
     "mini": Preset(
         summary="73.4M parameters, cl100k_base vocabulary: the prototype's model, for a GPU",
         model=dict(
-            tokenizer="cl100k_base",
-            vocab_size=100_352,
-            eos_token_id=100_257,
-            hidden_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=64,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            intermediate_size=768,
-            max_position_embeddings=2048,
-            rope_theta=1_000_000.0,
-            rope_type="yarn",
-            rope_factor=32.0,
-            rope_original_max_position_embeddings=4096,
+            tokenizer="cl100k_base", vocab_size=100_352, eos_token_id=100_257,
+            hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
             tie_word_embeddings=True,
+            num_local_experts=4, num_experts_per_tok=2, intermediate_size=768,
+            max_position_embeddings=2048,
+            rope_theta=1_000_000.0, rope_type="yarn", rope_factor=32.0, rope_original_max_position_embeddings=4096,
         ),
     ),
     # OpenAI's published shapes (openai/gpt-oss-20b, openai/gpt-oss-120b config.json).
@@ -128,6 +87,7 @@ PRESETS: dict[str, Preset] = {
         model={**_GPT_OSS_20B, "num_hidden_layers": 36, "num_local_experts": 128},
     ),
 }
+# fmt: on
 
 
 def get_preset(name: str) -> Preset:

@@ -143,17 +143,9 @@ def _partial_suffix(text: str, pattern: str) -> int:
     return 0
 
 
-def open_chat(
-    model,
-    tokenizer,
-    sampler: Sampler,
-    max_new_tokens: int,
-    instructions: str | None = None,
-    reasoning_effort: str = "medium",
-    current_date: str | None = None,
-) -> HarmonyChat | PlainChat:
-    """A HarmonyChat if the tokenizer has the Harmony special tokens, else a PlainChat (which has no reasoning effort
-    or date)."""
+def open_chat(model, tokenizer, *args, reasoning_effort: str = "medium", current_date: str | None = None):
+    """A HarmonyChat if the tokenizer has the Harmony special tokens, else a PlainChat, which has no reasoning effort
+    or date. args: both's (sampler, max_new_tokens, instructions)."""
     if Harmony.supports(tokenizer):
-        return HarmonyChat(model, tokenizer, sampler, max_new_tokens, instructions, reasoning_effort, current_date)
-    return PlainChat(model, tokenizer, sampler, max_new_tokens, instructions)
+        return HarmonyChat(model, tokenizer, *args, reasoning_effort=reasoning_effort, current_date=current_date)
+    return PlainChat(model, tokenizer, *args)

@@ -18,13 +18,10 @@ import datetime
 import sys
 from contextlib import closing
 
-import torch
-
 from ossgpt.chat.session import HarmonyChat, open_chat
-from ossgpt.devices import DTYPES, resolve_device, resolve_dtype
+from ossgpt.cli import arguments
 from ossgpt.errors import UserError
 from ossgpt.inference.generate import ContextFullError
-from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, load_model_and_tokenizer
 from ossgpt.inference.sampling import Sampler
 
 PROMPT = ">>> "
@@ -32,12 +29,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH",
-        help="a model directory (ossgpt, Hugging Face, MXFP4 or OpenAI original layout) or a training run directory",
-    )
+    arguments.add_loading(parser)
     parser.add_argument("--system", default=None, metavar="TEXT", help="instructions for the model (system prompt)")
     parser.add_argument(
         "--reasoning-effort",
@@ -51,59 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=1024, metavar="N", help="tokens per reply at most (default: 1024)"
     )
-    parser.add_argument(
-        "--temperature", type=float, default=1.0, metavar="T", help="sampling temperature, 0 is greedy (default: 1.0)"
-    )
-    parser.add_argument(
-        "--top-p",
-        type=float,
-        default=None,
-        metavar="P",
-        help="nucleus sampling: keep probability mass P (default: off)",
-    )
-    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
-    parser.add_argument("--min-p", type=float, default=None, metavar="P", help="drop tokens below P x the top one's")
-    parser.add_argument(
-        "--repetition-penalty", type=float, default=None, metavar="R", help="> 1 discourages repeating tokens"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="weights dtype (default: auto, bfloat16 on a GPU that supports it, else float32)",
-    )
-    parser.add_argument(
-        "--mxfp4",
-        action="store_true",
-        help="keep MXFP4 experts packed in memory (4.25 bits per weight) and dequantize them on the fly",
-    )
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
-    parser.add_argument(
-        "--vocab-file",
-        default=None,
-        metavar="PATH",
-        help="the tokenizer's .tiktoken ranks file (o200k_base's for gpt-oss), if tiktoken cannot download it",
-    )
+    arguments.add_sampling(parser, temperature=1.0, top_k=None)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    device = resolve_device(args.device)
-    try:
-        generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
-        sampler = Sampler(args.temperature > 0, args.temperature, args.top_k, args.top_p, args.min_p,
-                          args.repetition_penalty, generator)  # fmt: skip
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    dtype = DTYPES[resolve_dtype(args.dtype, device)]
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=str(device), dtype=dtype,
-                                                quantization=args.quantize, keep_mxfp4=args.mxfp4,
-                                                vocab_file=args.vocab_file)  # fmt: skip
+    sampler = Sampler(**arguments.sampling(args))
+    model, tokenizer = arguments.load(args)
     today = datetime.date.today().isoformat()
-    chat = open_chat(model, tokenizer, sampler, args.max_new_tokens, args.system, args.reasoning_effort, today)
+    chat = open_chat(model, tokenizer, sampler, args.max_new_tokens, args.system,
+                     reasoning_effort=args.reasoning_effort, current_date=today)  # fmt: skip
     if not isinstance(chat, HarmonyChat):
         print(
             f"note: tokenizer {tokenizer.spec} has no Harmony chat tokens; using a plain 'User: / Assistant:' "

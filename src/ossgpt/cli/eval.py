@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ossgpt.checkpoint.run_dir import TRAIN_CONFIG, resolve_checkpoint, run_record
+from ossgpt.cli import arguments
 from ossgpt.data.prepare import note_encoding, read_meta, read_text
 from ossgpt.errors import UserError
 from ossgpt.eval.baselines import compression_bits_per_byte, train_token_counts, unigram_bits_per_byte
@@ -38,17 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text files, each one document (files that are not UTF-8 are decoded as cp1252 or Latin-1, as by "
         "`ossgpt prepare`)",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH",
-        help="a model directory (config.json + model.safetensors) or a training run directory (holding checkpoint/)",
-    )
+    arguments.add_checkpoint(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument(
         "--seq-len",
         type=int,
-        default=None,
         metavar="N",
         help="window length in tokens (default: the length the run trained on, times F with --context-extension "
         f"F; for a bare model directory its context, at most {DEFAULT_MAX_SEQ_LEN})",
@@ -56,22 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     parser.add_argument(
         "--train-data",
-        default=None,
         metavar="DATA_DIR",
         help=f"prepared data folder whose train.bin gives the unigram baseline's token counts (default: the data "
         f"folder recorded in the run directory's {TRAIN_CONFIG})",
     )
-    parser.add_argument(
-        "--plot", default=None, metavar="DIR", help="write loss_by_position.png and expert_load.png into DIR"
-    )
-    parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default=None, help="where to run (default: cuda if available, else cpu)"
-    )
+    parser.add_argument("--plot", metavar="DIR", help="write loss_by_position.png and expert_load.png into DIR")
     parser.add_argument("--no-baselines", action="store_true", help="skip the compressor and unigram baselines")
     parser.add_argument(
         "--context-extension",
         type=float,
-        default=None,
         metavar="F",
         help="evaluate up to F times the trained context: YaRN with factor F over the training length (from the "
         "run's train_config.json, else the model's context)",

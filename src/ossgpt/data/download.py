@@ -19,7 +19,7 @@ from ossgpt.errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 OPENWEBTEXT_DATASET = "Skylion007/openwebtext"
-OPENWEBTEXT_SAMPLE_BYTES = 150_000_000  # the seed's sample size: enough for the mini preset, quick to fetch
+OPENWEBTEXT_SAMPLE_BYTES = 150_000_000  # the prototype's sample size: enough for the mini preset, quick to fetch
 DOCUMENTS_PER_FOLDER = 1000  # keeps folders listable when a sample has tens of thousands of pages
 TIMEOUT_S = 60
 SOURCES = ("shakespeare", "openwebtext")

@@ -55,7 +55,6 @@ class ExpertLoad:
     """How one MoE layer spread its token-to-expert assignments (k per token) over its E experts."""
 
     counts: list[int]  # [E] assignments per expert
-    dropped_fraction: float = 0.0  # share of assignments dropped by an expert capacity limit: none, routing is dropless
 
     @property
     def fractions(self) -> list[float]:
@@ -113,7 +112,6 @@ class EvalResult:
                     "counts": e.counts,
                     "fractions": e.fractions,
                     "cv": e.cv,
-                    "dropped_fraction": e.dropped_fraction,
                 }
                 for i, e in enumerate(self.expert_load)
             ],

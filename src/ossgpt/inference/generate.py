@@ -1,7 +1,7 @@
 """Autoregressive generation: one prefill pass over the prompt, then one token at a time from a KV cache.
 
     stream(model, input_ids, ...)        the next token of every row of a (left-padded) batch, step by step
-    generate(model, input_ids, ...)      the seed's API: the whole output tensor, prompt included
+    generate(model, input_ids, ...)      Hugging Face's API: the whole output tensor, prompt included
     generate_batch(model, prompts, ...)  prompts of different lengths, as token lists -> their continuations
     DecodeSession(model)                 one sequence whose KV cache lives across calls (the turns of a chat):
                                          extend it with tokens, sample from it, extend it again; nothing is
@@ -9,7 +9,7 @@
 
 A row stops after max_new_tokens, at a stop token (`eos_token_id`: one id or several), or as soon as its generated
 text contains one of `stop_strings`, matched on the decoded bytes, so a stop string may span several tokens.
-Sampling settings are those of ossgpt.inference.sampling; `seed` makes a sample repeatable.
+Sampling settings are those of ossgpt.inference.sampling.Sampler; `seed` makes a sample repeatable.
 """
 
 from __future__ import annotations
@@ -47,14 +47,6 @@ class StopStrings:
             hits.append(any(p in data for p in self.patterns))
             self.tails[row] = data[len(data) - self.keep :] if self.keep else b""
         return hits
-
-
-def _generator(generator: torch.Generator | None, seed: int | None, device) -> torch.Generator | None:
-    if seed is None:
-        return generator
-    if generator is not None:
-        raise ValueError("pass either a generator or a seed, not both")
-    return torch.Generator(device).manual_seed(seed)
 
 
 def _stop_ids(eos_token_id: int | Iterable[int] | None) -> list[int]:
@@ -153,30 +145,23 @@ def stream(
     model,
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    do_sample: bool = False,
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
     *,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     pad_token_id: int | None = None,
+    **sampling,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], until max_new_tokens or every row has stopped.
 
     input_ids [B, T], left-padded where attention_mask [B, T] has zeros. Rows that have stopped keep yielding
-    pad_token_id (default: the first stop token, else 0) so the batch stays rectangular.
+    pad_token_id (default: the first stop token, else 0) so the batch stays rectangular. sampling: the keywords of
+    ossgpt.inference.sampling.Sampler (do_sample, temperature, top_k, top_p, min_p, repetition_penalty, generator,
+    seed); greedy without them.
     """
-    sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                      _generator(generator, seed, input_ids.device))  # fmt: skip
-    steps = _steps(model, input_ids, max_new_tokens, sampler, eos_token_id, attention_mask, stop_strings, tokenizer,
-                   pad_token_id)  # fmt: skip
+    steps = _steps(model, input_ids, max_new_tokens, Sampler(**sampling), eos_token_id, attention_mask, stop_strings,
+                   tokenizer, pad_token_id)  # fmt: skip
     for token, _ in steps:
         yield token
 
@@ -192,24 +177,13 @@ def _eval_mode(model):
 
 
 def generate(
-    model,
-    input_ids: torch.Tensor,
-    max_length: int | None = None,
-    max_new_tokens: int | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    do_sample: bool = False,
-    eos_token_id: int | list[int] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    **options,
+    model, input_ids: torch.Tensor, max_length: int | None = None, max_new_tokens: int | None = None, **options
 ) -> torch.Tensor:
-    """The seed's API: input_ids [B, T] -> [B, T + generated] (prompt included).
+    """Hugging Face's `generate`, as the prototype had it: input_ids [B, T] -> [B, T + generated], prompt included.
 
-    max_length counts the prompt (as in the seed and HF); max_new_tokens does not; give one of them
-    (default: 20 new tokens). Greedy unless do_sample=True. options: stream's keyword-only arguments
-    (min_p, repetition_penalty, seed, stop_strings + tokenizer, pad_token_id).
+    max_length counts the prompt (as in HF); max_new_tokens does not; give one of them (default: 20 new tokens).
+    options: the keywords of `stream` (eos_token_id, attention_mask, stop_strings + tokenizer, pad_token_id) and
+    of the Sampler (do_sample, temperature, top_k, top_p, ...). Greedy unless do_sample=True.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -218,8 +192,7 @@ def generate(
     if max_new_tokens <= 0:
         return input_ids
     with _eval_mode(model):
-        tokens = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
-                             attention_mask, generator, **options))  # fmt: skip
+        tokens = list(stream(model, input_ids, max_new_tokens, **options))
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
@@ -229,36 +202,28 @@ def generate_batch(
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
     *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
+    **sampling,
 ) -> list[list[int]]:
     """Continue prompts of different lengths together (left-padded into one batch).
 
     Returns each prompt's new tokens, up to and including the token that stopped it (a stop token, or the token
-    that completed a stop string). Greedy decoding gives every prompt the continuation it gets alone.
+    that completed a stop string). Greedy decoding gives every prompt the continuation it gets alone. sampling: the
+    Sampler's keywords, as for `stream`.
     """
     if not prompts or not all(len(p) for p in prompts):
         raise ValueError("generate_batch needs one or more non-empty prompts")
-    device = model.device
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=model.device)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
-    sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                      _generator(generator, seed, device))  # fmt: skip
     outputs: list[list[int]] = [[] for _ in prompts]
     with _eval_mode(model):
-        for token, active in _steps(model, ids, max_new_tokens, sampler, eos_token_id, mask, stop_strings, tokenizer):
+        steps = _steps(model, ids, max_new_tokens, Sampler(**sampling), eos_token_id, mask, stop_strings, tokenizer)
+        for token, active in steps:
             for row in active.nonzero().flatten().tolist():
                 outputs[row].append(int(token[row]))
     return outputs

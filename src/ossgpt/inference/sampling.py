@@ -82,7 +82,11 @@ def next_token(
 
 @dataclass
 class Sampler:
-    """All sampling settings in one validated object: `sampler(logits, seen)` -> token ids [B]."""
+    """All sampling settings in one validated object: `sampler(logits, seen)` -> token ids [B].
+
+    The keywords are Hugging Face's `generate` ones. Random draws come from `generator`, or from a new generator
+    seeded with `seed` (made on the logits' device at the first call): a seed makes a sample repeatable.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -91,9 +95,12 @@ class Sampler:
     min_p: float | None = None
     repetition_penalty: float | None = None
     generator: torch.Generator | None = None
+    seed: int | None = None
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("pass either a generator or a seed, not both")
 
     @property
     def tracks_history(self) -> bool:
@@ -102,6 +109,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V]; seen bool [B, V], needed for a repetition penalty -> token ids [B]."""
+        if self.generator is None and self.seed is not None:
+            self.generator = torch.Generator(logits.device).manual_seed(self.seed)
         if self.tracks_history:
             logits = apply_repetition_penalty(logits.float(), seen, self.repetition_penalty)
         return next_token(logits, self.do_sample, self.temperature, self.top_k, self.top_p, self.generator, self.min_p)

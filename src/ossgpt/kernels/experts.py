@@ -61,8 +61,8 @@ def grouped_linear(
     dtype = _matmul_dtype(x, weight)
     xd, wd = x.to(dtype), weight.to(dtype)  # grouped_mm has no autocast rule: cast by hand (no-ops without autocast)
     if use_grouped_mm is None:
-        # On CPU the loop is faster (addmm adds the bias in the product; `python bench/step_parts.py`, "expert
-        # matmuls"), and its host sync costs nothing there.
+        # On CPU the loop is faster (addmm adds the bias in the product; `python bench/step_parts.py`,
+        # "experts"), and its host sync costs nothing there.
         use_grouped_mm = x.device.type != "cpu" and grouped_mm_available(x.device, dtype) and _aligned(xd, wd)
     if use_grouped_mm:
         offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each group

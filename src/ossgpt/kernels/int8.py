@@ -33,7 +33,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., in] times int8 weight [out, in] (per-row bfloat16 scales [out]) -> [..., out] in x's dtype.
 
-    The kernel takes bfloat16 activations (its float32 variant is ~10x slower on CPU); without it, or when `in`
+    The kernel takes bfloat16 activations (its float32 variant is far slower on CPU); without it, or when `in`
     is not a multiple of 16, the reference: dequantize, then an ordinary matmul. (torch 2.13's CPU kernel gives
     wrong sums or crashes for other widths, e.g. 8, 12 or 24: `tests/test_fast_paths.py` checks a range of them.)"""
     flat = x.reshape(-1, x.shape[-1])

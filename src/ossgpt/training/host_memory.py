@@ -3,8 +3,8 @@
 glibc serves every allocation above its mmap threshold (which it raises to at most 32 MB) with a fresh mmap and
 unmaps it again on free. A CPU training step of a large-vocabulary model allocates and frees several
 [vocab, hidden] tensors every step (for `mini`, the LM head's and the embedding's gradients: 205 MB each), so
-each step faults them in again, one 4 KiB page at a time. On 2 cores a `mini` step (B=4, T=256) ran at 598
-tokens/s with freed memory kept and 545 without (`python bench/run.py --rows train`, BENCHMARKS.md).
+each step faults them in again, one 4 KiB page at a time (`python bench/run.py` measures a `mini` step with and
+without; BENCHMARKS.md has the figures).
 
 `keep_freed_memory()` raises glibc's mmap and trim thresholds to 1 GiB: big blocks then come from the heap and
 stay there when freed, ready for the next step (mostly: a block that no longer fits where it was freed, because

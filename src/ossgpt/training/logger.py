@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-import ossgpt
+from ossgpt import __version__
 from ossgpt.checkpoint.run_dir import LOG, METRICS, PLOT
 
 
@@ -163,7 +163,7 @@ def environment_lines() -> list[str]:
     """Where and with what a run ran: code version, torch, machine."""
     commit = _git_commit()
     lines = [
-        f"ossgpt {ossgpt.__version__}" + (f" (git {commit})" if commit else ""),
+        f"ossgpt {__version__}" + (f" (git {commit})" if commit else ""),
         f"python {platform.python_version()}, torch {torch.__version__}",
         f"machine: {platform.node()}, {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
     ]
@@ -175,7 +175,7 @@ def environment_lines() -> list[str]:
 
 def _git_commit() -> str | None:
     """The commit of the ossgpt source tree, with "+dirty" if it has uncommitted changes; None outside git."""
-    source = Path(ossgpt.__file__).resolve().parent
+    source = Path(__file__).resolve().parents[1]  # the ossgpt package
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True, text=True,
                               timeout=5)  # fmt: skip

@@ -15,8 +15,8 @@ The factor 0.2 sqrt(max(rows, cols)) gives O (whose entries have RMS 1/sqrt(max(
 of a typical AdamW step, 0.2 (Liu et al. 2025, "Muon is scalable for LLM training"), so `--learning-rate` and
 `--weight-decay` mean the same for both optimizers and the schedule drives every group alike.
 
-Cost: three matmuls per iteration per matrix, ~40 GFLOP a step for the tiny preset, ~15% of its step on 2 CPU
-cores; on a GPU a small share. Under FSDP2 each process gathers the whole matrix to orthogonalise it.
+Cost: three matmuls per iteration per matrix, ~40 GFLOP a step for the tiny preset (`python bench/step_parts.py`,
+"muon", times it). Under FSDP2 each process gathers the whole matrix to orthogonalise it.
 
 Which parameters: the attention projections and the expert matrices, 2-D per matrix (an expert stack
 [E, in, out] is E matrices, orthogonalised one by one in a batch). The token embedding (a lookup table, also
