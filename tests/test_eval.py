@@ -5,6 +5,8 @@ import gzip
 import json
 import lzma
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
+from ossgpt.checkpoint.run_dir import resolve_checkpoint
 from ossgpt.cli import main
 from ossgpt.errors import UserError
 from ossgpt.eval import (
@@ -22,7 +25,7 @@ from ossgpt.eval import (
     train_token_counts,
     unigram_bits_per_byte,
 )
-from ossgpt.inference.loading import load_model_and_tokenizer, resolve_checkpoint
+from ossgpt.inference.loading import load_model_and_tokenizer
 from ossgpt.tokenizer import ByteTokenizer
 
 TEXT = "Héllo wörld! A short text to score, with a few non-ASCII bytes: 🙂 café."
@@ -230,3 +233,12 @@ def test_cli_errors(run_dir, text_file, tmp_path, capsys):
         assert main(["eval", *args]) == 2, message
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_reader_that_goes_away_is_no_error(run_dir, text_file):
+    """`ossgpt eval ... | head -3`: when stdout's reader has gone, the command stops quietly (status 141, as cat)."""
+    command = [sys.executable, "-m", "ossgpt", "eval", "--checkpoint", str(run_dir), str(text_file), "--no-baselines"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the report is written
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141 and "Traceback" not in err

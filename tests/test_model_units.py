@@ -164,6 +164,23 @@ def test_moe_matches_per_token_loop(impl, experts, top_k):
     assert stats.expert_counts.sum() == 18 * top_k
 
 
+def test_the_expert_loops_one_token_path_equals_its_gathered_path():
+    """Decoding one token takes the loop's shortcut (its k experts in turn, nothing gathered): the same sums."""
+    torch.manual_seed(0)
+    config = small_config(num_local_experts=5, num_experts_per_tok=3)
+    moe = MoE(config).double()
+    moe.experts.kernel = "loop"
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(7, config.hidden_size, dtype=torch.float64)
+    _, weights, indices = moe.router(x)
+    together = moe.experts(x, indices, weights)
+    alone = torch.cat([moe.experts(x[i : i + 1], indices[i : i + 1], weights[i : i + 1]) for i in range(7)])
+    torch.testing.assert_close(alone, together, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(together, naive_moe(moe, x))
+
+
 def test_sorted_and_loop_moe_gradients_agree():
     config = small_config(num_local_experts=8, num_experts_per_tok=2)
     grads = {}

@@ -58,7 +58,7 @@ def plot_expert_load(result: EvalResult, path: str | Path) -> None:
         ax.set_xticks(range(n_experts))
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"expert load (uniform = 1/{n_experts} = {uniform:.3f}; dropless: nothing dropped)")
+    ax.set_title(f"expert load (uniform 1/{n_experts} = {uniform:.3f}; dropless)")
     _save(fig, path)
 
 

@@ -1,10 +1,10 @@
 """Training: `train(TrainConfig.for_preset("tiny", data=..., out=...))`, on one process or many (torchrun).
 
-config.py       TrainConfig (every field an `ossgpt train` flag), per-preset defaults, the model to train
+config.py       TrainConfig (every field an `ossgpt train` flag, unset ones from the preset), the model to train
 data.py         training windows in shuffled epochs, fixed validation windows, from a prepared data folder
 optim.py        the optimizer's parameter groups and the warm-up + cosine learning-rate schedule
 muon.py         Muon (orthogonalised momentum) for the hidden matrices, AdamW for the rest
-trainer.py      the loop: accumulation, autocast, clipping, NaN skipping, evaluation, saving
+trainer.py      the loop: accumulation, autocast, clipping, NaN skipping, evaluation, saving by steps and time
 checkpoint.py   RUN_DIR/checkpoint: atomic saves of model, optimizer and trainer state; exact resume
 distributed.py  torchrun process groups, DDP / FSDP2 wrapping, per-block torch.compile
 logger.py       train.log, metrics.jsonl, loss.png, progress bar
