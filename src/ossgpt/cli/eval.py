@@ -61,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--context-extension",
         type=float,
         metavar="F",
-        help="evaluate up to F times the trained context: YaRN with factor F over the training length (from the "
-        "run's train_config.json, else the model's context)",
+        help="evaluate up to F times the trained context: YaRN with factor F over the run's training length",
     )
     parser.add_argument(
         "--no-yarn", action="store_true", help="with --context-extension: plain RoPE over the longer context (control)"
