@@ -56,11 +56,10 @@ print(f"2. a batch: {tuple(input_ids.shape)} token ids; row 0 starts {tokenizer.
 # --- 3. the model ----------------------------------------------------------------------------------------------------
 # GPT-OSS: embeddings, then blocks of attention (with sinks, alternating sliding-window and full) and a mixture of
 # experts, then the LM head (ossgpt/model/). The vocabulary follows the tokenizer: the preset's, or the data's.
-config = (
-    preset
-    if meta["tokenizer"] == preset.tokenizer
-    else preset.replace(tokenizer=meta["tokenizer"], vocab_size=meta["vocab_size"], eos_token_id=meta["eot_token_id"])
-)
+config = preset
+if meta["tokenizer"] != preset.tokenizer:  # --tokenizer: the preset's shape on the data's vocabulary
+    config = preset.replace(tokenizer=meta["tokenizer"], vocab_size=meta["vocab_size"],
+                            eos_token_id=meta["eot_token_id"])  # fmt: skip
 model = GPTOSSForCausalLM(config)
 print(f"3. {model.num_parameters():,} parameters: {config.num_hidden_layers} layers, {config.num_local_experts} "
       f"experts of which {config.num_experts_per_tok} run per token")  # fmt: skip
