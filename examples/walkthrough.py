@@ -31,6 +31,8 @@ parser.add_argument("--steps", type=int, default=40, help="optimizer steps")
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--seq-len", type=int, default=256)
 args = parser.parse_args()
+if not args.text.is_file():
+    parser.error(f"no text file at {args.text}; pass --text FILE")
 torch.manual_seed(0)
 
 # --- 1. text -> tokens -----------------------------------------------------------------------------------------------

@@ -388,6 +388,8 @@ BAD_INPUTS = {
     ),  # fmt: skip
     "bad dtype": (None, ["--dtype", "int8"], "--dtype must be one of"),
     "bad optimizer": (None, ["--optimizer", "sgd"], "--optimizer must be one of adamw, muon"),
+    "bad attention kernel": (None, ["--attention", "flash"], "--attention must be one of sdpa, eager, got 'flash'"),
+    "negative loss chunks": (None, ["--loss-chunk-size", "-1"], "--loss-chunk-size must be a non-negative integer"),
     "extension without a checkpoint": (None, ["--context-extension", "4"], "pass it with --init-from CHECKPOINT"),
     "init from nothing": (None, ["--init-from", "no/such/run"], "checkpoint no/such/run does not exist"),
     "ddp without torchrun": (None, ["--distributed", "ddp"], "needs several processes"),

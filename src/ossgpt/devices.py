@@ -14,7 +14,7 @@ from ossgpt.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str | None = "auto", index: int | None = None) -> torch.device:
+def resolve_device(name: str | torch.device | None = "auto", index: int | None = None) -> torch.device:
     """The torch device `name` names: "auto" (or None) is CUDA when available, else the CPU; then "cpu", "cuda" or
     "cuda:N". index: the GPU of a "cuda" that names none. UserError for a device this machine does not have."""
     if name is None or name == "auto":

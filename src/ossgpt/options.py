@@ -16,7 +16,6 @@ The dtype of the weights is not an option here: it belongs to the tensors (`from
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -47,7 +46,3 @@ class RuntimeOptions:
             raise ValueError(f"loss_chunk_size must be a non-negative integer, got {self.loss_chunk_size!r}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
-
-    def replace(self, **changes) -> RuntimeOptions:
-        """A copy with some options changed (validated again)."""
-        return dataclasses.replace(self, **changes)

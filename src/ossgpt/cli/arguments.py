@@ -55,7 +55,7 @@ def load(args: argparse.Namespace):
     device = resolve_device(args.device)
     return load_model_and_tokenizer(
         args.checkpoint,
-        device=str(device),
+        device=device,
         dtype=DTYPES[resolve_dtype(args.dtype, device)],
         quantization=args.quantize,
         keep_mxfp4=args.mxfp4,

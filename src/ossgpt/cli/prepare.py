@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ossgpt.config import GPTOSSConfig
 from ossgpt.data.download import SOURCES, fetch_source
 from ossgpt.data.prepare import prepare
 from ossgpt.errors import UserError
@@ -38,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         help=f"tokenize for this preset's model: with its tokenizer, unless --tokenizer says otherwise (default: "
         f"{DEFAULT_PRESET}, `ossgpt train`'s default too; "
-        + ", ".join(f"{name}: {GPTOSSConfig.from_preset(name).tokenizer}" for name in PRESETS)
+        + ", ".join(f"{name}: {preset.model['tokenizer']}" for name, preset in PRESETS.items())
         + ")",
     )
     parser.add_argument(
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     meta = prepare(
         inputs,
         args.out,
-        tokenizer=args.tokenizer or GPTOSSConfig.from_preset(args.preset).tokenizer,
+        tokenizer=args.tokenizer or PRESETS[args.preset].model["tokenizer"],
         val_fraction=args.val_fraction,
         force=args.force,
         workers=args.workers,

@@ -49,7 +49,7 @@ def quantize(model, mode: str | None):
 
 def load_model_and_tokenizer(
     path: str | Path,
-    device: str | None = "cpu",
+    device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
     quantization: str | None = None,
     keep_mxfp4: bool = False,

@@ -167,9 +167,11 @@ class TrainConfig:
             check(isinstance(value, int) and value >= 1, name, "a positive integer")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.save_every_minutes > 0, "save_every_minutes", "positive")
-        check(self.attention in ATTENTION_KERNELS, "attention", f"one of {', '.join(ATTENTION_KERNELS)}")
-        check(self.experts in EXPERT_KERNELS, "experts", f"one of {', '.join(EXPERT_KERNELS)}")
-        check(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 0, "loss_chunk_size", ">= 0")
+        try:
+            self.runtime_options  # noqa: B018 - RuntimeOptions checks its own fields
+        except ValueError as err:  # "loss_chunk_size must be ..." -> "--loss-chunk-size must be ..."
+            field_name, _, rest = str(err).partition(" ")
+            raise UserError(f"--{field_name.replace('_', '-')} {rest}") from None
         check(self.seq_len >= 2, "seq_len", "at least 2 (one token and its successor)")
         check(self.warmup_steps >= 0, "warmup_steps", ">= 0")
         check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "positive")
@@ -213,14 +215,14 @@ def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
         if data_tokenizer != model.tokenizer or not same_tokenizer_file(config.data, checkpoint):
             raise UserError(
                 f"{config.data} is tokenized with another vocabulary ({data_tokenizer}) than {checkpoint} "
-                f"({model.tokenizer}): fine-tune on data prepared with `ossgpt prepare --tokenizer {model.tokenizer}`"
+                f"({model.tokenizer}): fine-tune on data prepared with the checkpoint's tokenizer"
             )
     else:
         model = GPTOSSConfig.from_preset(config.preset)
-        if overrides.get("tokenizer", model.tokenizer) != model.tokenizer:
+        wanted = overrides.get("tokenizer", model.tokenizer)
+        if wanted != model.tokenizer:
             # The preset's shape on another vocabulary: its size and end token are the data's (unless overridden).
             model = model.replace(vocab_size=round_up(data_vocab, VOCAB_MULTIPLE), eos_token_id=meta["eot_token_id"])
-        wanted = overrides.get("tokenizer", model.tokenizer)
         if data_tokenizer != wanted and wanted == model.tokenizer:
             raise UserError(
                 f"{config.data} is tokenized with {data_tokenizer}, but preset {config.preset} uses {wanted}: "
