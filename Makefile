@@ -14,7 +14,7 @@ export TIKTOKEN_CACHE_DIR ?= $(if $(wildcard $(SHARED)/tokenizers/tiktoken_cache
 
 install:  ## torch first (the CPU wheel; an unpinned torch pulls gigabytes of CUDA), then this checkout + dev tools
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import tiktoken, safetensors, numpy, tqdm, matplotlib, pytest, hypothesis, transformers, ruff" 2>/dev/null \
+	@$(PYTHON) -c "import tiktoken, safetensors, numpy, tqdm, matplotlib, ninja, pytest, hypothesis, transformers, ruff" 2>/dev/null \
 		|| $(PYTHON) -m pip install -q -e ".[dev]"
 	@# Point the `ossgpt` package at this checkout; offline too (no build isolation: setuptools is already here).
 	@$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .

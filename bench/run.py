@@ -393,7 +393,7 @@ def run(args) -> list[Row]:
         d_ours, d_hf = build_pair(config, seed=2)
         d_ours.eval(), d_hf.eval()
         d_int8 = quantize_for_decoding(d_ours)
-        d_dynamic = quantize_for_decoding(d_ours, dynamic_lm_head=True)
+        d_dynamic = quantize_for_decoding(d_ours, dynamic=True)
         prompt, batch, mask = decode_inputs(config, shapes)
         n = shapes.new_tokens
         ones = torch.ones_like(prompt)

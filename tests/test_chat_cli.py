@@ -213,3 +213,22 @@ def test_errors_are_one_line(bytes_checkpoint, monkeypatch, capsys, argv, messag
     code, _, err = chat(monkeypatch, capsys, ["--checkpoint", str(bytes_checkpoint), *argv], "")
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------- gpt-oss's published layout
+def test_chat_on_a_published_mxfp4_checkpoint_takes_the_cpu_fast_path(vocab_file, harmony, tmp_path, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    """The published layout (MXFP4 experts, bf16 elsewhere) with no flag: experts stay packed, attention and the
+    LM head int8, said in one line before the chat starts; the reply is the scripted one."""
+    from ossgpt.checkpoint.hf_config import config_to_hf
+    from ossgpt.checkpoint.pretrained import MXFP4_QUANTIZATION_CONFIG
+    from test_mxfp4 import write_published_mxfp4
+
+    model = tiny_model(tie_word_embeddings=False)
+    config = {**config_to_hf(model.config), "quantization_config": MXFP4_QUANTIZATION_CONFIG}
+    write_published_mxfp4(model, tmp_path, config)
+    script(monkeypatch, special(harmony, "<|channel|>final<|message|>hello<|return|>"))
+    code, out, err = chat(monkeypatch, capsys, ["--checkpoint", str(tmp_path), "--vocab-file", str(vocab_file)], "hi\n")
+    assert code == 0 and out == ">>> hello\n>>> \n"
+    loaded = err.splitlines()[0]
+    assert loaded.startswith("loaded in ") and "experts MXFP4" in loaded and "LM head and attention int8" in loaded

@@ -319,6 +319,7 @@ def test_int8_dynamic_linear_is_exact_integer_product(kernel, monkeypatch):
     """W8A8: int8 x int8 summed exactly, then row scale x channel scale: against float64 of the same integers."""
     if kernel and not int_mm_available(torch.device("cpu")):
         pytest.skip("torch._int_mm is not available here")
+    monkeypatch.setattr("ossgpt.kernels.int8.native", lambda: None)  # per row (the native kernel: per block)
     if not kernel:
         monkeypatch.setattr("ossgpt.kernels.int8.int_mm_available", lambda device: False)
     torch.manual_seed(0)
@@ -387,16 +388,16 @@ def test_quantized_model_decodes_close_to_float():
     assert out.shape == (1, 11)
 
 
-@pytest.mark.parametrize("dynamic_lm_head", [False, True], ids=["weight-only", "dynamic LM head"])
-def test_quantized_model_cached_decoding_matches_its_full_forward(dynamic_lm_head):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["weight-only", "W8A8"])
+def test_quantized_model_cached_decoding_matches_its_full_forward(dynamic):
     # The int8 copy decoded token by token from its KV cache gives the logits of its own full forward pass, and
-    # with a dynamic LM head stays as close to float32 as the weight-only copy.
+    # with its inputs quantized too (W8A8) stays as close to float32 as the weight-only copy.
     config = small_config(num_local_experts=2, num_experts_per_tok=2, hidden_size=64, intermediate_size=64,
                           head_dim=16, vocab_size=128)  # fmt: skip
     torch.manual_seed(0)
     model = GPTOSSForCausalLM(config).eval()
-    quantized = quantize_for_decoding(model, dynamic_lm_head=dynamic_lm_head)
-    assert isinstance(quantized.lm_head, Int8Linear) and quantized.lm_head.dynamic == dynamic_lm_head
+    quantized = quantize_for_decoding(model, dynamic=dynamic)
+    assert isinstance(quantized.lm_head, Int8Linear) and quantized.lm_head.dynamic == dynamic
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         full = quantized(ids).logits

@@ -11,7 +11,6 @@ from ossgpt.cli import main
 from ossgpt.errors import UserError
 from ossgpt.inference.loading import quantize
 from ossgpt.quant.int8 import quantize_for_decoding
-from ossgpt.quant.mxfp4 import use_mxfp4_experts
 from ossgpt.tokenizer import ByteTokenizer, TextStream
 
 PROMPT = "Once upon a time"
@@ -58,14 +57,14 @@ def test_quantized_greedy_matches_the_quantized_model(checkpoint, capsys, mode):
     printed = capsys.readouterr().out
 
     tok = ByteTokenizer()
-    model = quantize_for_decoding(GPTOSSForCausalLM.from_pretrained(checkpoint), dynamic_lm_head=mode != "int8")
+    model = quantize_for_decoding(GPTOSSForCausalLM.from_pretrained(checkpoint), dynamic=mode != "int8")
     ids = torch.tensor([[tok.eot_token_id, *tok.encode(PROMPT)]])
     new = model.generate(ids, max_new_tokens=10, eos_token_id=tok.eot_token_id)[0, ids.shape[1] :].tolist()
     new = new[: new.index(tok.eot_token_id)] if tok.eot_token_id in new else new
     assert printed == PROMPT + tok.decode(new) + "\n"
 
 
-def test_quantize_refuses_mxfp4_experts_other_devices_and_unknown_modes():
+def test_quantize_refuses_other_devices_and_unknown_modes():
     model = GPTOSSForCausalLM(GPTOSSConfig(vocab_size=64, eos_token_id=0, hidden_size=32, intermediate_size=32,
                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                            head_dim=16, num_local_experts=2, num_experts_per_tok=1))  # fmt: skip
@@ -73,9 +72,6 @@ def test_quantize_refuses_mxfp4_experts_other_devices_and_unknown_modes():
         quantize(model, "int4")
     with pytest.raises(UserError, match="for decoding on the CPU, not meta"):
         quantize(model.to("meta"), "int8")
-    use_mxfp4_experts(model)
-    with pytest.raises(UserError, match="does not combine with MXFP4"):
-        quantize(model, "int8")
 
 
 def test_streaming_prints_the_same_text(checkpoint, capsys, monkeypatch):

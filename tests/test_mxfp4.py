@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ossgpt import GPTOSSForCausalLM
 from ossgpt.checkpoint.hf_config import config_from_hf
 from ossgpt.errors import UserError
+from ossgpt.options import RuntimeOptions
 from ossgpt.quant.mxfp4 import MXFP4Experts
 
 transformers = pytest.importorskip("transformers", reason="transformers (the reference dequantizer) is not installed")
@@ -219,8 +220,10 @@ def test_bf16_loading(published):
 
 
 def test_keep_mxfp4_stays_packed_and_dequantizes_only_routed_experts(published, monkeypatch):
+    """The reference way to run packed experts (experts="loop"): each routed expert dequantized per call.
+    (The native products that "sorted" runs are checked in tests/test_native_kernels.py.)"""
     reference, directory = published
-    packed = GPTOSSForCausalLM.from_pretrained(directory, keep_mxfp4=True)
+    packed = GPTOSSForCausalLM.from_pretrained(directory, keep_mxfp4=True, options=RuntimeOptions(experts="loop"))
     experts = packed.layers[0].mlp.experts
     assert isinstance(experts, MXFP4Experts) and not hasattr(experts, "gate_up_proj")
     c = packed.config

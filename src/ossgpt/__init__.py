@@ -4,7 +4,7 @@ The public names: GPTOSSConfig, GPTOSSConfigMini, RuntimeOptions, GPTOSSForCausa
 HarmonyTokenizer.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from ossgpt.api import GPTOSSForCausalLM  # noqa: E402 - after __version__, which modules below read
 from ossgpt.config import GPTOSSConfig, GPTOSSConfigMini  # noqa: E402

@@ -28,7 +28,8 @@ class RuntimeOptions:
     # "eager": the einsum reference of ossgpt.model.attention.
     attention: str = "sdpa"
     # "sorted": tokens sorted by expert, one grouped product per projection (ossgpt.kernels.experts);
-    # "loop": the per-expert reference loop of ossgpt.model.moe.
+    # "loop": the per-expert reference loop of ossgpt.model.moe. Experts kept packed in MXFP4 (ossgpt.quant.mxfp4)
+    # always loop over experts; "sorted" multiplies by the packed weights directly, "loop" dequantizes them.
     experts: str = "sorted"
     # Rows of LM-head logits the chunked cross-entropy forms at a time when only the loss is wanted
     # (ossgpt.kernels.loss); 0 = the plain loss over all [B * T, vocab] logits at once.

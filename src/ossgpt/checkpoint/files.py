@@ -52,12 +52,34 @@ def safetensors_files(directory: Path, stem: str = "model") -> list[Path]:
     raise UserError(f"no {stem}.safetensors (or shards with an index) in {directory}")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (name, file, tensor) for every tensor, reading lazily."""
+def iter_tensors(files: list[Path], read_packed: bool = False) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """Yield (name, file, tensor) for every tensor, reading lazily: each tensor is a view of the memory-mapped
+    file, read from disk when first touched.
+
+    read_packed: uint8 tensors (MXFP4 blocks and scales) are read into the process's own memory instead. Decoding
+    streams every packed expert it routes to, at every token, and anonymous memory streams faster than mapped
+    file pages (bench/gpt_oss_20b.py); once loading ends, the file's pages are the kernel's cache, not this
+    process's memory."""
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as f:
+            header_end, header = _header(path) if read_packed else (0, {})
+            with safe_open(str(path), framework="pt") as f, open(path, "rb") as raw:
                 for name in f.keys():
-                    yield name, path, f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as err:
+                    entry = header.get(name)
+                    if entry is not None and entry["dtype"] == "U8":
+                        tensor = torch.empty(entry["shape"], dtype=torch.uint8)
+                        raw.seek(header_end + entry["data_offsets"][0])
+                        if raw.readinto(tensor.numpy().reshape(-1)) != tensor.numel():
+                            raise OSError(f"tensor {name!r} is cut short")
+                        yield name, path, tensor
+                    else:
+                        yield name, path, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"{path} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset where the data starts, the JSON header: name -> dtype, shape, data_offsets) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))

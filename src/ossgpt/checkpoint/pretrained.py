@@ -123,7 +123,7 @@ def _config_of(info: CheckpointInfo, **overrides) -> GPTOSSConfig:
 
 def from_pretrained(
     directory: str | Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
     keep_mxfp4: bool = False,
     options: RuntimeOptions | None = None,
@@ -132,7 +132,8 @@ def from_pretrained(
 ) -> GPTOSS:
     """Load a model from an ossgpt, Hugging Face (plain or MXFP4) or original gpt-oss checkpoint directory.
 
-    dtype: of the floating-point weights (MXFP4 experts are dequantized straight to it).
+    dtype: of the floating-point weights (MXFP4 experts are dequantized straight to it); None keeps each as
+        stored (memory-mapped, no copy), dequantizing experts to bfloat16.
     keep_mxfp4: keep MXFP4 experts packed (4.25 bits per weight) and dequantize them on the fly in the forward;
         the checkpoint must have MXFP4 experts.
     options: how the model runs (ossgpt.options; default RuntimeOptions()).
@@ -182,10 +183,11 @@ def _source_tensors(
 ) -> Iterator[tuple[str, Path, str, torch.Tensor]]:
     """(ossgpt name, file, checkpoint name, tensor) for every tensor, in ossgpt's layout."""
     if info.format == "original":
-        tensors = rename_original(iter_tensors(original_files(info.directory)), config)
+        tensors = rename_original(iter_tensors(original_files(info.directory), read_packed=keep_mxfp4), config)
     else:
         rename = hf_to_ours if info.format == "hf" else (lambda name: name)
-        tensors = ((rename(name), path, name, t) for name, path, t in iter_tensors(safetensors_files(info.directory)))
+        files = safetensors_files(info.directory)
+        tensors = ((rename(name), path, name, t) for name, path, t in iter_tensors(files, read_packed=keep_mxfp4))
     if info.mxfp4 and not keep_mxfp4:
         tensors = _dequantize_packed(tensors, dtype, device)
     return tensors
@@ -212,7 +214,7 @@ def _dequantize_packed(tensors, dtype, device) -> Iterator[tuple[str, Path, str,
         halves = {part: (name, tensor), partner[0]: (partner[2], partner[3])}
         (blocks_name, blocks), (scales_name, scales) = halves["blocks"], halves["scales"]
         try:
-            dense = dequantize_experts(blocks, scales, dtype, device)
+            dense = dequantize_experts(blocks, scales, dtype or torch.bfloat16, device)
         except ValueError as err:
             raise UserError(f"{path.name}: tensors {blocks_name!r} and {scales_name!r}: {err}") from None
         yield base, path, blocks_name, dense

@@ -9,11 +9,15 @@ sampling(args)             -> the Sampler keywords those flags give (UserError f
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from ossgpt.devices import DTYPES, resolve_device, resolve_dtype
 from ossgpt.errors import UserError
-from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, load_model_and_tokenizer
+from ossgpt.inference.loading import QUANTIZE_HELP, QUANTIZE_MODES, describe_weights, load_model_and_tokenizer
 from ossgpt.inference.sampling import Sampler
+from ossgpt.quant.int8 import Int8Linear
+from ossgpt.quant.mxfp4 import has_mxfp4_experts
 
 CHECKPOINT_HELP = (
     "a model directory (ossgpt, Hugging Face, MXFP4 or OpenAI's original layout) or a training run directory "
@@ -37,10 +41,12 @@ def add_loading(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mxfp4",
-        action="store_true",
-        help="keep MXFP4 experts packed in memory (4.25 bits per weight), dequantized on the fly",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep a checkpoint's MXFP4 experts packed in memory (4.25 bits per weight) and multiply by them "
+        "packed, or (--no-mxfp4) dequantize them at load (default: packed on the CPU)",
     )
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="auto", help=QUANTIZE_HELP)
     parser.add_argument(
         "--vocab-file",
         default=None,
@@ -51,9 +57,10 @@ def add_loading(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace):
-    """(model, tokenizer) of the flags of `add_loading`."""
+    """(model, tokenizer) of the flags of `add_loading`; says on stderr how the weights are held."""
     device = resolve_device(args.device)
-    return load_model_and_tokenizer(
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(
         args.checkpoint,
         device=device,
         dtype=DTYPES[resolve_dtype(args.dtype, device)],
@@ -61,6 +68,9 @@ def load(args: argparse.Namespace):
         keep_mxfp4=args.mxfp4,
         vocab_file=args.vocab_file,
     )
+    if has_mxfp4_experts(model) or isinstance(model.lm_head, Int8Linear):  # say what the automatic choices were
+        print(f"loaded in {time.perf_counter() - start:.1f} s: {describe_weights(model)}", file=sys.stderr)
+    return model, tokenizer
 
 
 def add_sampling(parser: argparse.ArgumentParser, temperature: float, top_k: int | None) -> None:

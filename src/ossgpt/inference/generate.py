@@ -122,7 +122,7 @@ def _steps(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
-    cache = KVCache(model.config, B, T + max_new_tokens, device=input_ids.device, dtype=model.embed_tokens.weight.dtype)
+    cache = KVCache(model.config, B, T + max_new_tokens, device=input_ids.device, dtype=model.dtype)
 
     logits = model(input_ids, positions=positions, cache=cache, logits_to_keep=1).logits[:, -1]
     seen = None
@@ -309,8 +309,7 @@ class DecodeSession:
         if old is not None and length <= old.max_length:
             return
         capacity = min(self.max_length, max(length, 2 * old.max_length if old is not None else 256))
-        weights = self.model.embed_tokens.weight
-        new = KVCache(self.model.config, 1, capacity, device=weights.device, dtype=weights.dtype)
+        new = KVCache(self.model.config, 1, capacity, device=self.model.device, dtype=self.model.dtype)
         if old is not None:
             # Column c sits in slot c of a plain buffer and in slot c % window of a ring buffer. The old length is
             # below the new one and a ring buffer's capacity is the window whatever the length, so every old slot

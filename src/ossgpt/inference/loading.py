@@ -6,9 +6,14 @@ original layout) or a training run directory (see ossgpt.checkpoint.run_dir).
 Context extension (`context_extension`): config overrides that set YaRN for F times the length a run trained on,
 used at load time by `ossgpt eval` and as the starting point of a long-context fine-tune by `ossgpt train`.
 
-Quantization for decoding (`quantize`, the `--quantize` option of `ossgpt generate` and `ossgpt chat`): the int8
-copy of ossgpt.quant.int8, weight-only (`int8`) or with the LM head's input quantized too
-(`int8-dynamic`).
+How the weights are held (`--mxfp4`, `--quantize` of `ossgpt generate` and `ossgpt chat`), each "auto" by default:
+  * MXFP4 experts (the published gpt-oss checkpoints) stay packed on the CPU (ossgpt.quant.mxfp4), where
+    dequantizing them would need ~4x (bfloat16) to ~8x (float32) the memory; on a GPU they are dequantized.
+  * `quantize`: the int8 copy of ossgpt.quant.int8 for decoding, weight-only (`int8`) or with each product's
+    input quantized too (`int8-dynamic`), or `none`. "auto" picks int8-dynamic on the CPU for a model with packed
+    experts (then every big matrix is read in 4.25 or 8 bits per weight by the native kernels), none otherwise
+    (models trained here decode exactly in float32 unless asked).
+`describe_weights(model)` says in one line what was chosen; the CLI prints it.
 """
 
 from __future__ import annotations
@@ -18,56 +23,101 @@ from pathlib import Path
 import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
+from ossgpt.checkpoint.pretrained import detect_format
 from ossgpt.checkpoint.run_dir import resolve_checkpoint, run_record
 from ossgpt.devices import resolve_device
 from ossgpt.errors import UserError
-from ossgpt.quant.int8 import quantize_for_decoding
+from ossgpt.inference.memory import MemoryPlan, check_memory
+from ossgpt.kernels.native import native
+from ossgpt.quant.int8 import Int8Linear, quantize_for_decoding
 from ossgpt.quant.mxfp4 import has_mxfp4_experts
 from ossgpt.tokenizer import load_tokenizer
 
-QUANTIZE_MODES = ("int8", "int8-dynamic")
+QUANTIZE_MODES = ("auto", "none", "int8", "int8-dynamic")
 QUANTIZE_HELP = (
-    "int8: int8 weights for the LM head, attention and experts (weight-only; ~4x fewer bytes per token than "
-    "float32); int8-dynamic: the same, and the LM head quantizes its input per token too (W8A8), the fastest on "
-    "CPU (default: off)"
+    "int8: int8 weights for the LM head, attention and dense experts (weight-only; ~4x fewer bytes per token than "
+    "float32); int8-dynamic: the same, and each product quantizes its input at run time too (W8A8), the fastest "
+    "on CPU; none: the checkpoint's weights as loaded (default: auto, int8-dynamic on the CPU for a model with "
+    "MXFP4 experts such as gpt-oss, else none)"
 )
+# Tokens of context the memory check provides for (the KV cache of a long chat).
+CHECKED_CONTEXT = 8192
 
 
-def quantize(model, mode: str | None):
-    """`model` itself (mode None), or its int8 copy for decoding (mode one of QUANTIZE_MODES)."""
-    if mode is None:
+def quantize(model, mode: str | None, copy: bool = True, dtype: torch.dtype | None = None):
+    """`model` itself (mode None or "none"), or its int8 version for decoding (see ossgpt.quant.int8); copy=False
+    converts `model` itself; dtype: of the weights left in float (the embedding table keeps its own)."""
+    if mode in (None, "none"):
         return model
-    if mode not in QUANTIZE_MODES:
+    if mode not in QUANTIZE_MODES[2:]:
         raise UserError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
-    if has_mxfp4_experts(model):
-        raise UserError("--quantize does not combine with MXFP4 experts (--mxfp4): pick one of the two")
     if model.device.type != "cpu":  # the int8 kernels are CPU ones; elsewhere every call would dequantize
         raise UserError(f"--quantize is for decoding on the CPU, not {model.device.type} (its int8 kernels are "
                         "CPU ones); leave it out there, or add --device cpu")  # fmt: skip
-    return quantize_for_decoding(model, dynamic_lm_head=mode == "int8-dynamic")
+    return quantize_for_decoding(model, dynamic=mode == "int8-dynamic", copy=copy, dtype=dtype)
 
 
-def load_model_and_tokenizer(
+def describe_weights(model) -> str:
+    """One line: how the model's weights are held and which kernels multiply by them."""
+    kernels = native()
+    isa = f"native {kernels.instruction_set()} kernels" if kernels is not None else "pure-PyTorch kernels"
+    # Weights, not bytes: two MXFP4 values per byte of blocks; scales are not weights.
+    state = model.state_dict()
+    count = sum(t.numel() * (2 if name.endswith("_blocks") else 1) for name, t in state.items()
+                if not name.endswith(("_scales", "scales")))  # fmt: skip
+    parts = [f"{count / 1e9:.1f}B weights" if count >= 1e9 else f"{count / 1e6:.1f}M weights"]
+    if has_mxfp4_experts(model):
+        parts.append(f"experts MXFP4 ({isa if model.device.type == 'cpu' else 'dequantized per call'})")
+    if isinstance(model.lm_head, Int8Linear):
+        kind = "W8A8" if model.lm_head.dynamic else "weight-only"
+        parts.append(f"LM head and attention int8 {kind} ({isa if model.lm_head.dynamic else 'torch kernels'})")
+    parts.append(f"embedding {model.embed_tokens.weight.dtype}, {model.dtype} elsewhere".replace("torch.", ""))
+    return ", ".join(parts)
+
+
+def load_model(
     path: str | Path,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
-    quantization: str | None = None,
-    keep_mxfp4: bool = False,
-    vocab_file: str | Path | None = None,
+    quantization: str | None = "auto",
+    keep_mxfp4: bool | None = None,
     **config_overrides,
 ):
-    """(model in eval mode, tokenizer) of the checkpoint at `path` (a model or training run directory).
+    """The model (in eval mode) of the checkpoint at `path` (a model or training run directory), held as the
+    options say (see the module doc).
 
-    The tokenizer is the one the model's config names (`config.tokenizer`); a compact vocabulary is rebuilt from
-    the checkpoint's tokenizer.json, a tiktoken one read from its cache or `vocab_file`. device: a name for
-    ossgpt.devices.resolve_device ("auto" or None picks CUDA when available). quantization: see `quantize`.
-    keep_mxfp4: keep MXFP4 experts packed (see ossgpt.checkpoint.from_pretrained). config_overrides change
-    non-shape config fields at load time (e.g. RoPE scaling for context extension).
+    device: a name for ossgpt.devices.resolve_device ("auto" or None picks CUDA when available). dtype: of the
+    float weights. quantization: one of QUANTIZE_MODES (None = "none"). keep_mxfp4: keep MXFP4 experts packed
+    (None: on the CPU). config_overrides change non-shape config fields at load time (e.g. RoPE scaling for
+    context extension). On the CPU, a model that will not fit in the memory available is a UserError naming the
+    figure, raised before anything is loaded.
     """
     directory = resolve_checkpoint(path)
-    model = from_pretrained(directory, dtype=dtype, device=resolve_device(device), keep_mxfp4=keep_mxfp4,
+    device = resolve_device(device)
+    packed = detect_format(directory).mxfp4
+    keep_mxfp4 = packed and device.type == "cpu" if keep_mxfp4 is None else keep_mxfp4
+    if quantization == "auto":
+        quantization = "int8-dynamic" if device.type == "cpu" and keep_mxfp4 else "none"
+    if device.type == "cpu":
+        config = load_config(directory, **config_overrides)
+        advice = "" if keep_mxfp4 or not packed else "; keep the experts packed: leave out --no-mxfp4"
+        # Quantizing keeps the embedding table as stored: bfloat16 in the published checkpoints.
+        embedding_dtype = torch.bfloat16 if quantization not in (None, "none") else None
+        plan = MemoryPlan.of(config, dtype, keep_mxfp4, quantization, embedding_dtype)
+        check_memory(plan, min(CHECKED_CONTEXT, config.max_position_embeddings), str(directory), advice)
+    # Quantizing: from the weights as stored (no float32 copy of what becomes int8), then the rest cast to dtype.
+    quantizing = quantization not in (None, "none")
+    model = from_pretrained(directory, dtype=None if quantizing else dtype, device=device, keep_mxfp4=keep_mxfp4,
                             **config_overrides)  # fmt: skip
-    model = quantize(model, quantization)
+    return quantize(model, quantization, copy=False, dtype=dtype)
+
+
+def load_model_and_tokenizer(path: str | Path, *args, vocab_file: str | Path | None = None, **options):
+    """(model, tokenizer) of the checkpoint at `path`: `load_model(path, *args, **options)` and the tokenizer its
+    config names (`config.tokenizer`): a compact vocabulary is rebuilt from the checkpoint's tokenizer.json, a
+    tiktoken one read from its cache or `vocab_file`."""
+    model = load_model(path, *args, **options)
+    directory = resolve_checkpoint(path)
     tokenizer = load_tokenizer(model.config.tokenizer, directory=directory, vocab_file=vocab_file)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(

@@ -8,7 +8,11 @@ against the plain version (tests/test_fast_paths.py, tests/test_mxfp4.py).
     loss.py        chunked linear cross-entropy          twin of model.model.next_token_loss of the LM head
                                                           RuntimeOptions(loss_chunk_size=C)
     int8.py        int8 weight-only and W8A8 products    twin of F.linear; ossgpt.quant.int8 (--quantize)
-    mxfp4.py       the MXFP4 format, unpacked            ossgpt.quant.mxfp4 (--mxfp4), checkpoint loading
+    mxfp4.py       the MXFP4 format; packed products     twin of F.linear of the dequantized weight;
+                                                          ossgpt.quant.mxfp4 (--mxfp4), checkpoint loading
+    native.py      builds and loads csrc/cpu_q8.cpp      the C++ products on CPU: MXFP4 or int8 weights times
+                                                          activations rounded to int8 per block of 32 (AVX2,
+                                                          AVX-VNNI or AVX-512 VNNI, picked at run time)
 
 Kernels are functions of tensors: they import nothing from the rest of ossgpt, and the model imports them.
 """

@@ -4,8 +4,9 @@ materialising the float weights. The plain twin of each is `F.linear` of the deq
     quantize_int8(weight)                     float [out, in] -> int8 [out, in], bfloat16 scales [out]
     int8_linear(x, qweight, scales)           weight-only: bfloat16 activations x int8 weights
                                               (`torch._weight_int8pack_mm`)
-    int8_dynamic_linear(x, qweight, scales)   W8A8: x quantized per row at run time too, int8 x int8 summed
-                                              exactly in int32 (`torch._int_mm`), then scaled by row x channel
+    int8_dynamic_linear(x, qweight, scales)   W8A8: x quantized at run time too, int8 x int8 summed exactly in
+                                              int32, then scaled: on CPU by the native kernel (x per block of
+                                              32 values, ossgpt.kernels.native), else `torch._int_mm` (x per row)
 
 Each torch kernel is probed once on a tiny product with a known answer before it is trusted (their support and
 their correctness vary with the torch version, the device and the shapes); without it, the same products run
@@ -20,14 +21,23 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ossgpt.kernels.native import native
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def quantize_int8(weight: torch.Tensor, rows_at_once: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] float -> (int8 [out, in], scales [out] bfloat16) with weight ~= int8 * scales[:, None].
 
     The scales are rounded to bfloat16 (the kernel's dtype) before quantizing, so int8 * scale is exactly what
-    the kernel multiplies by."""
-    scales = (weight.detach().abs().amax(dim=1).float().clamp(min=1e-12) / 127).to(torch.bfloat16)
-    return (weight.detach().float() / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+    the kernel multiplies by. `rows_at_once` rows are converted at a time, so that the float temporaries stay
+    small next to a big matrix (gpt-oss's LM head is 579M weights)."""
+    qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    for start in range(0, weight.shape[0], rows_at_once):
+        rows = weight.detach()[start : start + rows_at_once].to(torch.float32, copy=True)
+        step = (rows.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        qweight[start : start + rows_at_once] = rows.div_(step.float()[:, None]).round_().clamp_(-127, 127)
+        scales[start : start + rows_at_once] = step
+    return qweight, scales
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -52,12 +62,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., in] float, quantized per row at run time, times int8 weight [out, in] (bfloat16 scales [out])
-    -> [..., out] in x's dtype: (x_int8 @ weight^T) summed exactly in int32, times row scale x channel scale.
+    """x [..., in] float, quantized at run time, times int8 weight [out, in] (bfloat16 scales [out])
+    -> [..., out] in x's dtype: x_int8 times weight summed exactly in int32, times x's step x channel scale.
 
-    `torch._int_mm` where it works on this device; elsewhere the same integer products in float32 (exact while
-    in x 127^2 < 2^24, i.e. in <= 1040; float32-rounded sums beyond)."""
+    On CPU, where the native kernels are built and `in` is a multiple of 32: x is quantized per block of 32
+    values (a step per block: finer than per row, and what lets one kernel read the int8 rows at memory speed).
+    Else x is quantized per row: `torch._int_mm` where it works on this device; elsewhere the same integer
+    products in float32 (exact while in x 127^2 < 2^24, i.e. in <= 1040; float32-rounded sums beyond)."""
     flat = x.reshape(-1, x.shape[-1])
+    module = native() if x.device.type == "cpu" and x.shape[-1] % 32 == 0 else None
+    if module is not None:
+        out = module.int8_linear(flat.float().contiguous(), weight, scales.float(), None)
+        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     x_q, x_scales = quantize_rows(flat)
     if int_mm_available(x.device):
         acc = torch._int_mm(x_q, weight.t())  # [rows, out] int32

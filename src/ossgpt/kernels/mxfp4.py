@@ -14,11 +14,18 @@ That is 4 + 8/32 = 4.25 bits per weight.
 
 Checkpoints store an expert projection with its rows = output channels ([E, out, in], the reference's x @ W^T),
 while ossgpt's `Experts` hold [E, in, out] (x @ W): `dequantize_experts` transposes.
+
+`mxfp4_linear(x, blocks, scales, bias)` multiplies by packed rows without materialising them: on CPU the native
+kernel of ossgpt.kernels.native (x quantized to int8 per block of 32 values, integer dot products with the FP4
+codes, one scale multiply per block), elsewhere (or without a compiler) the reference: dequantize, then F.linear.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from ossgpt.kernels.native import native
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK_SIZE = 32  # values per shared scale
@@ -64,3 +71,20 @@ def dequantize_experts(
     for e in range(E):
         weight[e] = dequantize(blocks[e].to(weight.device), scales[e].to(weight.device), dtype).T
     return weight
+
+
+def mxfp4_linear(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] times the MXFP4 rows blocks [O, K/32, 16], scales [O, K/32] (plus bias [O]) -> [..., O] in x's
+    dtype: F.linear with the dequantized weight.
+
+    On CPU with the native kernels, x is rounded to int8 per block of 32 values (step max|block| / 127) first:
+    each output is off from the exact product by at most half a step per value, times the weights' magnitudes
+    (tests/test_native_kernels.py checks that bound). Otherwise, the exact reference."""
+    module = native() if x.device.type == "cpu" else None
+    if module is None or x.requires_grad:
+        return F.linear(x, dequantize(blocks, scales, x.dtype), bias)
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    out = module.mxfp4_linear(flat, blocks, scales, None if bias is None else bias.float().contiguous())
+    return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])

@@ -109,6 +109,12 @@ class GPTOSS(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in: the final norm's (a decoding copy may store its embedding table
+        in fewer bits, ossgpt.quant.int8)."""
+        return self.norm.weight.dtype
+
     # ------------------------------------------------------------------------------------------------------
     def forward(
         self,

@@ -6,29 +6,34 @@ bandwidth, not arithmetic. For the `mini` preset that is ~255 MB of float32 per 
 same matrices are 4x smaller, and the products of ossgpt.kernels.int8 multiply by them without materialising the
 float weights.
 
-`quantize_for_decoding(model)` returns such a copy (the original is untouched): the LM head (untied from the
-embedding, which stays float32: a lookup reads one row per token), the attention projections and the experts
-become int8 (weight-only); norms, router, sinks and biases stay as they were. The copy is for inference: generate
-with it as with the original (`ossgpt.inference.generate` needs no change). Its logits differ from float32's by
-the rounding of the weights (relative error ~1e-2), so greedy decoding can pick a different token where two are
-nearly tied. The float32 model is the reference the tests compare against.
+`quantize_for_decoding(model)` returns such a copy (the original is untouched; `copy=False` converts the model
+itself, which a loader that owns it does to avoid holding both): the LM head (untied from the embedding, which
+stays float32: a lookup reads one row per token), the attention projections and dense experts become int8
+(weight-only); norms, router, sinks and biases stay as they were, and so do experts already packed in MXFP4
+(ossgpt.quant.mxfp4: 4.25 bits per weight, fewer than int8's). The copy is for inference: generate with it as
+with the original (`ossgpt.inference.generate` needs no change). Its logits differ from float32's by the rounding
+of the weights (relative error ~1e-2), so greedy decoding can pick a different token where two are nearly tied.
+The float32 model is the reference the tests compare against.
 
-`quantize_for_decoding(model, dynamic_lm_head=True)` also quantizes the LM head's *input* to int8 at run time,
-one scale per row (W8A8, `int8_dynamic_linear`). It adds the activation's rounding (at most half a step of 1/127
-of the row's largest value per element) to the logits' error. Only the LM head does it: there one quantization of
-a row per token is nothing next to the head's weights, while for the small attention and expert matrices the
-extra ops cost about what they save (`python bench/int8_rows.py`; the figures are in BENCHMARKS.md).
+`quantize_for_decoding(model, dynamic=True)` also quantizes each product's *input* to int8 at run time (W8A8,
+`int8_dynamic_linear`). It adds the activation's rounding (at most half a step of 1/127 of the largest value of
+its block or row per element) to the logits' error, and is the fast mode on CPU: with the native kernels
+(ossgpt.kernels.native) every product reads its int8 rows at memory speed; without them, torch._int_mm is
+about as fast as the weight-only kernel for the small matrices and faster for the LM head
+(`python bench/int8_rows.py`; the figures are in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import copy
+from copy import deepcopy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ossgpt.kernels.int8 import int8_dynamic_linear, int8_linear, quantize_int8
 from ossgpt.model.moe import Experts
+from ossgpt.quant.mxfp4 import MXFP4Experts
 
 
 class Int8Linear(nn.Module):
@@ -55,9 +60,11 @@ class Int8Linear(nn.Module):
 
 
 class Int8Experts(Experts):
-    """`Experts` with int8 weights: gate_up [E, 2I, H] and down [E, H, I] (output channels first), bf16 scales."""
+    """`Experts` with int8 weights: gate_up [E, 2I, H] and down [E, H, I] (output channels first), bf16 scales.
 
-    def __init__(self, experts: Experts, config):
+    dynamic: quantize each product's input at run time too (`int8_dynamic_linear`); else weight-only."""
+
+    def __init__(self, experts: Experts, config, dynamic: bool = False):
         with torch.device("meta"):
             super().__init__(config)
         del self.gate_up_proj, self.down_proj  # replaced by the int8 buffers
@@ -69,6 +76,7 @@ class Int8Experts(Experts):
         self.register_buffer("down_scales", torch.stack([s for _, s in down]))
         self.gate_up_proj_bias = nn.Parameter(experts.gate_up_proj_bias.detach().clone(), requires_grad=False)
         self.down_proj_bias = nn.Parameter(experts.down_proj_bias.detach().clone(), requires_grad=False)
+        self.product = int8_dynamic_linear if dynamic else int8_linear
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/weights [N, k] -> [N, H]: the loop of `Experts.loop`, with int8 experts."""
@@ -76,24 +84,54 @@ class Int8Experts(Experts):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's MLP on its tokens: x [n, H] -> [n, H]."""
-        h = self.activation(int8_linear(x, self.gate_up_qweight[e], self.gate_up_scales[e]) + self.gate_up_proj_bias[e])
-        return int8_linear(h, self.down_qweight[e], self.down_scales[e]) + self.down_proj_bias[e]
+        h = self.activation(
+            self.product(x, self.gate_up_qweight[e], self.gate_up_scales[e]) + self.gate_up_proj_bias[e]
+        )
+        return self.product(h, self.down_qweight[e], self.down_scales[e]) + self.down_proj_bias[e]
+
+
+class StoredEmbedding(nn.Module):
+    """An embedding table kept in the dtype it was stored in (bfloat16 for gpt-oss), each looked-up row widened to
+    `dtype`. A lookup reads one row per token, so a narrow table costs no speed, only less memory."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(embedding.weight.detach(), requires_grad=False)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> [..., hidden] in `dtype`."""
+        return F.embedding(ids, self.weight).to(self.dtype)
 
 
 @torch.no_grad()
-def quantize_for_decoding(model: nn.Module, dynamic_lm_head: bool = False) -> nn.Module:
-    """A copy of `model` (in eval mode) with int8 LM head, attention projections and experts; see the module doc.
+def quantize_for_decoding(
+    model: nn.Module, dynamic: bool = False, copy: bool = True, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """`model` with int8 LM head, attention projections and dense experts, in eval mode; see the module doc.
 
-    dynamic_lm_head: the LM head quantizes its input too (W8A8, `int8_dynamic_linear`)."""
-    quantized = copy.deepcopy(model).eval()
+    dynamic: every product quantizes its input too (W8A8, `int8_dynamic_linear`). copy: convert a deep copy
+    (the default) or, False, the model itself (its float weights are freed as they are replaced). dtype: cast
+    the weights left in float (norms, biases, router, sinks) to it, while the embedding table stays as it is
+    (`StoredEmbedding`): a loader quantizes from the checkpoint's bfloat16 and computes in float32 so."""
+    quantized = deepcopy(model) if copy else model
+    quantized.eval()
     quantized.loss_workspace = {}  # training scratch, not needed for decoding
     for p in quantized.parameters():
         p.requires_grad_(False)
     # A new module: the embedding keeps its float weight.
-    quantized.lm_head = Int8Linear(quantized.lm_head, dynamic=dynamic_lm_head)
+    quantized.lm_head = Int8Linear(quantized.lm_head, dynamic=dynamic)
     for layer in quantized.layers:
         attention = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attention, name, Int8Linear(getattr(attention, name)))
-        layer.mlp.experts = Int8Experts(layer.mlp.experts, quantized.config)
+            setattr(attention, name, Int8Linear(getattr(attention, name), dynamic=dynamic))
+        if not isinstance(layer.mlp.experts, MXFP4Experts):
+            layer.mlp.experts = Int8Experts(layer.mlp.experts, quantized.config, dynamic=dynamic)
+    if dtype is not None:
+        embedding = quantized.embed_tokens
+        del quantized.embed_tokens  # kept out of the cast below
+        for param in quantized.parameters():  # parameters only: the int8 scales stay bfloat16
+            param.data = param.data.to(dtype)
+        quantized.embed_tokens = StoredEmbedding(embedding, dtype)
+    quantized.options = quantized.options  # the new modules take the model's kernels
     return quantized

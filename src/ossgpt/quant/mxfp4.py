@@ -1,8 +1,11 @@
 """Expert MLPs that keep their weights packed in MXFP4 and dequantize them on the fly.
 
 gpt-oss's experts hold ~90% of its parameters. Kept as MXFP4 (4.25 bits per weight, see ossgpt.kernels.mxfp4) instead
-of bfloat16, gpt-oss-20b's experts take ~11 GiB less memory. Each forward dequantizes only the experts that
-received tokens, one expert at a time, so at most one expert's dense weights exist at once.
+of bfloat16, gpt-oss-20b's experts take ~11 GiB less memory. Each forward runs only the experts that received
+tokens, one at a time (`Experts.loop`), in one of two ways (`RuntimeOptions.experts`):
+  * "sorted" (the default): `mxfp4_linear` reads the packed weights directly (on CPU, the native kernel of
+    ossgpt.kernels.native: activations rounded to int8 per block of 32, integer dot products);
+  * "loop": the reference: the expert's weights dequantized for this call, then ordinary float products.
 
 `use_mxfp4_experts(model)` swaps every layer's `Experts` for an empty `MXFP4Experts`, which
 `from_pretrained(..., keep_mxfp4=True)` then fills from the checkpoint. The module's buffers carry the published
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize
+from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize, mxfp4_linear
 from ossgpt.model.moe import Experts
 
 
@@ -40,21 +43,27 @@ class MXFP4Experts(Experts):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/weights [N, k] -> [N, H]: the loop of `Experts.loop`, over the experts that received
-        tokens only, each one's weights dequantized for this call."""
+        tokens only."""
         return self.loop(x, indices, weights)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e's MLP on its tokens, x [n, H] -> [n, H], its weights dequantized to x's dtype."""
-        gate_up = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype).T  # [H, 2I]
-        down = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], x.dtype).T  # [I, H]
-        h = self.activation(x @ gate_up + self.gate_up_proj_bias[e])
-        return h @ down + self.down_proj_bias[e]
+        """Expert e's MLP on its tokens, x [n, H] -> [n, H]: packed products ("sorted"), or its weights
+        dequantized to x's dtype ("loop")."""
+        if self.kernel == "loop":
+            gate_up = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype).T  # [H, 2I]
+            down = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], x.dtype).T  # [I, H]
+            h = self.activation(x @ gate_up + self.gate_up_proj_bias[e])
+            return h @ down + self.down_proj_bias[e]
+        h = self.activation(mxfp4_linear(x, self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e],
+                                         self.gate_up_proj_bias[e]))  # fmt: skip
+        return mxfp4_linear(h, self.down_proj_blocks[e], self.down_proj_scales[e], self.down_proj_bias[e])
 
 
 def use_mxfp4_experts(model) -> None:
     """Replace every layer's `Experts` by an empty `MXFP4Experts` (to be filled by loading a checkpoint)."""
     for layer in model.layers:
         layer.mlp.experts = MXFP4Experts(model.config)
+    model.options = model.options  # the new modules take the model's kernels
 
 
 def has_mxfp4_experts(model) -> bool:

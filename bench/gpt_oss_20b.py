@@ -1,0 +1,322 @@
+"""gpt-oss-20b at full size on this machine: load time, peak memory, prefill and decode speed, against the
+memory-bandwidth bound and (optionally) llama.cpp run side by side.
+
+    python bench/gpt_oss_20b.py                         # the full model (writes a 13.8 GB checkpoint once)
+    python bench/gpt_oss_20b.py --layers 2 --quick      # smoke run: 2 layers, short prompt
+    python bench/gpt_oss_20b.py --llama-bench ~/llama.cpp/build/bin/llama-bench --gguf gpt-oss-20b.gguf
+
+The published weights cannot be downloaded here, so the benchmark writes (once, cached under --cache) a random
+checkpoint with gpt-oss-20b's exact shapes in the published Hugging Face layout: config.json with the MXFP4
+quantization_config, experts as uint8 MXFP4 blocks and scales, everything else bfloat16, sharded with an index.
+`--layers N` keeps the widths and the vocabulary and makes it shallower. Random weights cost exactly what real
+ones do: every token reads the same bytes (its 4 experts of 32 per layer, attention, the LM head).
+
+Each side runs in a process of its own, one after the other, at --threads intra-op threads, so that its peak
+RSS is its own (`os.wait4`). ossgpt's side loads the checkpoint the way `ossgpt generate` does, then times:
+  load        from_pretrained + the CPU decoding transforms, page cache warm (a first untimed load warms it)
+  prefill     one forward over a --prompt-tokens prompt (the cache filled), tokens/s
+  decode      --new-tokens greedy tokens after it, tokens/s
+The bound: bytes each decoded token must read (`decode_bytes`) over the GEMV bandwidth measured in the same run
+(a float32 matrix-vector product over a 1 GiB matrix). "bf16-equivalent" counts the active weights at 2 bytes
+each, what a bfloat16 model (or llama.cpp's bf16 conversion, whose experts are MXFP4) would read.
+
+llama.cpp is not built or downloaded by this script: pass its `llama-bench` binary and a GGUF converted from
+the same checkpoint (`--llama-bench`, `--gguf`); its prompt and generation runs use the same token counts and
+thread count. Results are printed as a markdown table and written as JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ossgpt import GPTOSSConfig
+from ossgpt.atomic import atomic_directory
+from ossgpt.checkpoint.hf_config import config_to_hf
+from ossgpt.checkpoint.pretrained import MXFP4_QUANTIZATION_CONFIG, ours_to_hf
+from ossgpt.model.model import GPTOSS
+from ossgpt.quant.mxfp4 import use_mxfp4_experts
+
+DEFAULT_CACHE = Path.home() / ".cache" / "ossgpt" / "bench"
+SHARD_BYTES = 4 * 10**9  # published gpt-oss-20b: three shards of up to ~4.6 GB
+
+
+# ------------------------------------------------------------------------------------------ the checkpoint
+def checkpoint_dir(cache: Path, layers: int) -> Path:
+    return cache / f"gpt-oss-20b-{layers}L"
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """A random tensor for checkpoint tensor `name` (HF name) with gpt-oss-like magnitudes.
+
+    MXFP4 blocks: uniformly random codes; scales 2^-8 .. 2^-6 (values of std ~0.02, as the initializer's).
+    Norm weights 1, biases and sinks small, matrices N(0, 0.02)."""
+    if name.endswith("_blocks"):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    if name.endswith("_scales"):
+        return torch.randint(127 - 8, 127 - 5, shape, dtype=torch.uint8, generator=generator)
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return torch.ones(shape, dtype=dtype)
+    std = 0.02 if len(shape) > 1 else 0.002
+    return (torch.randn(shape, generator=generator) * std).to(dtype)
+
+
+def write_checkpoint(directory: Path, layers: int, seed: int = 0) -> Path:
+    """Write (atomically) a random gpt-oss-20b-shaped checkpoint with `layers` layers in the published HF MXFP4
+    layout; return its directory. Tensors are made and written one shard at a time."""
+    config = GPTOSSConfig.from_preset("gpt-oss-20b", num_hidden_layers=layers)
+    with torch.device("meta"):
+        model = GPTOSS(config)
+        use_mxfp4_experts(model)
+    specs = [(ours_to_hf(name), tuple(t.shape), t.dtype) for name, t in model.state_dict().items()]
+    generator = torch.Generator().manual_seed(seed)
+    hf_config = {**config_to_hf(config), "dtype": "bfloat16", "quantization_config": MXFP4_QUANTIZATION_CONFIG}
+
+    shards, size = [[]], 0
+    for spec in specs:
+        nbytes = torch.Size(spec[1]).numel() * (1 if spec[2] == torch.uint8 else 2)
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    weight_map, total = {}, 0
+    with atomic_directory(directory) as tmp:
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {
+                name: random_tensor(name, shape, torch.bfloat16 if dtype.is_floating_point else dtype, generator)
+                for name, shape, dtype in shard
+            }
+            save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update(dict.fromkeys(tensors, filename))
+            print(f"  wrote {filename} ({len(tensors)} tensors)", file=sys.stderr, flush=True)
+            del tensors
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return directory
+
+
+def ensure_checkpoint(cache: Path, layers: int) -> Path:
+    directory = checkpoint_dir(cache, layers)
+    if not (directory / "config.json").exists():
+        print(f"writing a random {layers}-layer gpt-oss-20b checkpoint to {directory} (once)", file=sys.stderr)
+        write_checkpoint(directory, layers)
+    return directory
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def warm_page_cache(paths: list[Path]) -> None:
+    """Read files once so that both sides load from the page cache (what "load, warm" means)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def gemv_bandwidth(threads: int) -> float:
+    """Bytes/s of a float32 matrix-vector product over a 1 GiB matrix (larger than any cache): the machine's
+    memory bandwidth as a decoding step sees it. Best of 5."""
+    torch.set_num_threads(threads)
+    w = torch.randn(1 << 16, 1 << 12)
+    x = torch.randn(1 << 12)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        torch.mv(w, x)
+        best = min(best, time.perf_counter() - start)
+    return w.numel() * 4 / best
+
+
+def decode_bytes(model) -> tuple[int, int]:
+    """(bytes ossgpt reads per decoded token, bytes llama.cpp's conversion reads: MXFP4 experts, bf16 elsewhere).
+
+    Every weight is read once per token except the experts (k of E per layer) and the embedding (one row)."""
+    config = model.config
+    share = config.num_experts_per_tok / config.num_local_experts
+    ours = reference = 0
+    for name, tensor in model.state_dict().items():
+        if name.startswith("embed_tokens"):
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        packed = name.endswith(("proj_blocks", "proj_scales"))  # MXFP4 experts: the same bytes on both sides
+        weights = 0 if name.endswith("scales") else tensor.numel()  # an int8 matrix's scales: no bf16 weights
+        in_experts = ".experts." in name
+        ours += nbytes * (share if in_experts else 1)
+        reference += (nbytes if packed else 2 * weights) * (share if in_experts else 1)
+    return int(ours), int(reference)
+
+
+def ossgpt_worker(directory: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    """ossgpt's side, in its own process: load as `ossgpt generate` does, then prefill and greedy decoding."""
+    from ossgpt.inference.generate import stream
+    from ossgpt.inference.loading import describe_weights, load_model
+    from ossgpt.kernels.native import native
+
+    torch.set_num_threads(threads)
+    native()  # built (or found in the cache) before the clock starts
+    start = time.perf_counter()
+    model = load_model(directory)
+    load_s = time.perf_counter() - start
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in stream(model, ids, 2):  # warm-up: the prompt's tokens reach every expert once
+            pass
+        times = []
+        start = time.perf_counter()
+        for _ in stream(model, ids, new_tokens + 1):
+            times.append(time.perf_counter() - start)
+    ours, reference = decode_bytes(model)
+    return dict(load_s=load_s, prefill_tps=prompt_tokens / times[0], decode_tps=new_tokens / (times[-1] - times[0]),
+                bytes_per_token=ours, reference_bytes_per_token=reference, weights=describe_weights(model))  # fmt: skip
+
+
+def run_child(command: list[str]) -> tuple[str, int]:
+    """(stdout, peak RSS in bytes) of a child process, which must succeed."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command[:3])} ... failed with exit code {process.returncode}")
+    return out, usage.ru_maxrss * 1024
+
+
+def measure_ossgpt(args, directory: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", "--layers", str(args.layers), "--cache", str(args.cache),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+               "--threads", str(args.threads)]  # fmt: skip
+    out, rss = run_child(command)
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": rss}
+
+
+def measure_llama(args) -> dict:
+    """llama-bench's prompt (pp) and generation (tg) rates on the GGUF, same token counts and threads."""
+    command = [str(args.llama_bench), "-m", str(args.gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
+               "-n", str(args.new_tokens), "-r", str(args.llama_repetitions), "-o", "json"]  # fmt: skip
+    out, rss = run_child(command)
+    rows = json.loads(out)
+    rate = {("pp" if row["n_prompt"] else "tg"): row["avg_ts"] for row in rows}
+    build = rows[0].get("build_commit", "?")
+    return dict(prefill_tps=rate["pp"], decode_tps=rate["tg"], peak_rss=rss, build=build)
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    from ossgpt.kernels.native import cpu_flags
+
+    flags = cpu_flags()
+    isa = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in ("avx2", "avx512f", "avx512_vnni",
+                                                                                "avx512_bf16", "amx_tile"))  # fmt: skip
+    return f"{model}, {os.cpu_count()} CPUs ({isa}), torch {torch.__version__}"
+
+
+def memory_table() -> str:
+    """Weights, KV cache per 1k tokens and the memory to decode 8k tokens, for the published models as ossgpt holds
+    them on a CPU (MXFP4 experts, int8 elsewhere, bf16 embedding) and dense in bfloat16 (a GPU without MXFP4)."""
+    from ossgpt.inference.memory import OVERHEAD, MemoryPlan
+
+    lines = [
+        "| model | held as | weights | KV cache per 1k tokens | to decode 8k tokens |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name in ("gpt-oss-20b", "gpt-oss-120b"):
+        config = GPTOSSConfig.from_preset(name)
+        for label, plan in [
+            ("CPU default: MXFP4 experts, int8 W8A8, bf16 embedding, float32 compute",
+             MemoryPlan.of(config, torch.float32, True, "int8-dynamic", torch.bfloat16)),
+            ("MXFP4 experts, bfloat16 elsewhere", MemoryPlan.of(config, torch.bfloat16, True, None)),
+            ("all bfloat16 (experts dequantized)", MemoryPlan.of(config, torch.bfloat16, False, None)),
+        ]:  # fmt: skip
+            lines.append(f"| {name} | {label} | {plan.steady / 1e9:.1f} GB | {plan.kv_per_token * 1024 / 1e6:.0f} MB "
+                         f"| {plan.needed(8192) / 1e9:.1f} GB |")  # fmt: skip
+    return (
+        "\n".join(lines) + f"\n\n(to decode: weights + KV cache + {OVERHEAD / 1e9:.1f} GB for activations and runtime)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=24, help="layers of the checkpoint (gpt-oss-20b: 24)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the random checkpoint is kept")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of each side (default: 2)")
+    parser.add_argument("--quick", action="store_true", help="32-token prompt, 8 new tokens")
+    parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary, to measure beside ossgpt")
+    parser.add_argument("--gguf", type=Path, help="the GGUF converted from the same checkpoint, for --llama-bench")
+    parser.add_argument("--llama-repetitions", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--write-only", action="store_true", help="write the checkpoint (if missing) and stop")
+    parser.add_argument("--memory-table", action="store_true", help="print the memory table on paper and stop")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt_tokens, args.new_tokens = 32, 8
+    if args.memory_table:
+        print(memory_table())
+        return
+    if bool(args.llama_bench) != bool(args.gguf):
+        parser.error("--llama-bench and --gguf go together")
+    directory = ensure_checkpoint(args.cache, args.layers)
+    if args.write_only:
+        print(directory)
+        return
+    if args.worker:
+        print(json.dumps(ossgpt_worker(directory, args.prompt_tokens, args.new_tokens, args.threads)))
+        return
+
+    warm_page_cache(sorted(directory.glob("*.safetensors")) + ([args.gguf] if args.gguf else []))
+    bandwidth = gemv_bandwidth(args.threads)
+    ours = measure_ossgpt(args, directory)
+    llama = measure_llama(args) if args.llama_bench else None
+    bandwidth = max(bandwidth, gemv_bandwidth(args.threads))  # measured before and after: the better of the two
+
+    def share(tps: float, nbytes: int) -> str:
+        return f"{100 * tps * nbytes / bandwidth:.0f}%"
+
+    ref_bytes = ours["reference_bytes_per_token"]
+    print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers; prompt {args.prompt_tokens} tokens, "
+          f"then {args.new_tokens} greedy tokens; float32 GEMV bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+    print(f"ossgpt weights: {ours['weights']}\n")
+    print(
+        "| side | load (s) | peak RSS (GB) | prefill (tok/s) | decode (tok/s) | bytes read per token | "
+        "% of bandwidth bound | % of bound at llama.cpp's bytes |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"| ossgpt | {ours['load_s']:.1f} | {ours['peak_rss'] / 1e9:.1f} | {ours['prefill_tps']:.2f} | "
+        f"{ours['decode_tps']:.2f} | {ours['bytes_per_token'] / 1e9:.2f} GB | "
+        f"{share(ours['decode_tps'], ours['bytes_per_token'])} | {share(ours['decode_tps'], ref_bytes)} |"
+    )
+    if llama:
+        print(
+            f"| llama.cpp {llama['build']} | | {llama['peak_rss'] / 1e9:.1f} | {llama['prefill_tps']:.2f} | "
+            f"{llama['decode_tps']:.2f} | {ref_bytes / 1e9:.2f} GB | {share(llama['decode_tps'], ref_bytes)} | "
+            f"{share(llama['decode_tps'], ref_bytes)} |"
+        )
+        print(
+            f"\nossgpt / llama.cpp: prefill {ours['prefill_tps'] / llama['prefill_tps']:.2f}x, "
+            f"decode {ours['decode_tps'] / llama['decode_tps']:.2f}x, "
+            f"peak RSS {ours['peak_rss'] / llama['peak_rss']:.2f}x"
+        )
+    if args.json:
+        record = dict(machine=machine(), bandwidth=bandwidth, ossgpt=ours, llama_cpp=llama,
+                      args={k: str(v) for k, v in vars(args).items()})  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

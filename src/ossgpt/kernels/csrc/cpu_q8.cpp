@@ -1,0 +1,413 @@
+// Native CPU products for decoding: MXFP4 or int8 weights times activations quantized to int8 on the fly.
+//
+// The method (the one llama.cpp uses for its q8_0 dot products): each row of x is cut into blocks of 32 values
+// and each block is stored as 32 int8 codes q and one float step d = max|x| / 127 (x ~= q * d). A weight row is
+// also a sequence of 32-blocks, each 32 small integers w and one float scale s. Then
+//
+//     y[t, o] = sum over blocks b of  (d[t, b] * s[o, b]) * (sum of 32 integer products q * w)
+//
+// The inner sums are exact in int32; one float multiply-add per block. The weights are read in their packed
+// form and never widened to float in memory, so a product reads ~4.25 (MXFP4) or 8 (int8) bits per weight.
+//
+//   MXFP4: a block is 16 bytes of FP4 E2M1 codes (low nibble first) and a biased power-of-two exponent. Every
+//          FP4 value times 2 is an integer (0, 1, 2, 3, 4, 6, 8, 12 and negatives), so a 16-entry table turns
+//          codes into int8 and s = 2^(e - 127) / 2.
+//   int8:  a row of int8 values with one float scale per row (ossgpt.kernels.int8.quantize_int8); s = 1 per
+//          block and the row scale multiplies the sum at the end.
+//
+// Instruction sets are picked when ossgpt.kernels.native compiles this file for the machine it runs on:
+// AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
+// (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define OSSGPT_AVX512 1  // two blocks per instruction
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // values per block
+
+// FP4 E2M1 code -> 2 * value (bit 3 is the sign).
+constexpr int8_t kFP4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+float half_power_of_two(uint8_t exponent) { return std::ldexp(0.5f, int(exponent) - 127); }
+
+// ------------------------------------------------------------------------------ activations -> q8 blocks
+// The order each block's 32 codes are stored in, to match the order the weights' values come out in:
+//   kNatural:  as in x (int8 weights)
+//   kBlock:    each block's even-indexed values, then its odd ones: the order in which an MXFP4 block's codes
+//              come out of its bytes (all low nibbles, then all high ones), so the weights need no shuffle
+//   kPair:     per pair of blocks b, b+1: b's even values, b+1's even, b's odd, b+1's odd (the 512-bit MXFP4
+//              decoding, which unpacks two blocks' low nibbles and then their high nibbles in one step)
+enum Layout { kNatural, kBlock, kPair };
+
+int64_t position(int64_t j, int64_t b, Layout layout) {  // where value j of block b goes within its block (pair)
+  if (layout == kNatural) return j;
+  if (layout == kBlock) return (j % 2) * (QK / 2) + j / 2;
+  return (j % 2) * QK + (b % 2) * (QK / 2) + j / 2;
+}
+
+// x [K] -> q [K] int8, d [K / 32] float, with q * d ~= x (d = max|block| / 127).
+void quantize_row(const float* x, int8_t* q, float* d, int64_t K, Layout layout) {
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+    for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    d[b] = amax / 127.f;
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* start = q + (layout == kPair ? (b - b % 2) * QK : b * QK);
+    for (int64_t j = 0; j < QK; ++j) {
+      start[position(j, b, layout)] = static_cast<int8_t>(std::nearbyint(std::clamp(xb[j] * inverse, -127.f, 127.f)));
+    }
+  }
+}
+
+// Whether rows of G blocks take the 512-bit path, two blocks at a time.
+constexpr bool wide(int64_t G) {
+#if defined(OSSGPT_AVX512)
+  return G % 2 == 0;
+#else
+  return G < 0;  // never
+#endif
+}
+
+// ------------------------------------------------------------------------------------ weight formats
+// block(o, b, w, s): the b-th block of weight row o as 32 int8 values (in the order the activations were
+// quantized in) and its float scale; row_scale(o): the factor applied to the row's finished sum.
+struct MXFP4Weights {
+  const uint8_t* blocks;  // [O, G, 16]
+  const uint8_t* scales;  // [O, G]
+  int64_t G;
+  float scale_of[256];
+
+  MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {
+    for (int e = 0; e < 256; ++e) scale_of[e] = half_power_of_two(static_cast<uint8_t>(e));
+  }
+  Layout layout() const { return wide(G) ? kPair : kBlock; }
+  float block_scale(int64_t o, int64_t b) const { return scale_of[scales[o * G + b]]; }
+  float row_scale(int64_t) const { return 1.f; }
+  void block_scalar(int64_t o, int64_t b, int8_t* w) const {
+    const uint8_t* bytes = blocks + (o * G + b) * (QK / 2);
+    for (int64_t j = 0; j < QK / 2; ++j) {
+      w[j] = kFP4Doubled[bytes[j] & 0x0F];
+      w[j + QK / 2] = kFP4Doubled[bytes[j] >> 4];
+    }
+  }
+#if defined(__AVX2__)
+  __m256i block(int64_t o, int64_t b) const {
+    const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4Doubled));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (o * G + b) * (QK / 2)));
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+    return _mm256_set_m128i(hi, lo);
+  }
+#endif
+#if defined(OSSGPT_AVX512)
+  // Blocks b and b + 1 as 64 int8 values in the kPair layout: the 32 bytes in both halves of the register,
+  // the upper half shifted to its high nibbles, then one table lookup.
+  static constexpr __mmask16 kSecondBlock = 0xF0F0;  // int32 sums of block b+1's values (kPair layout)
+  __m512i block2(int64_t o, int64_t b) const {
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4Doubled)));
+    const __m512i bytes = _mm512_broadcast_i64x4(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + (o * G + b) * (QK / 2))));
+    const __m512i codes = _mm512_and_si512(_mm512_mask_srli_epi16(bytes, 0xFFFF0000, bytes, 4), _mm512_set1_epi8(0x0F));
+    return _mm512_shuffle_epi8(table, codes);
+  }
+#endif
+};
+
+struct Int8Weights {
+  const int8_t* weight;  // [O, K]
+  const float* scales;   // [O]
+  int64_t K;
+  Layout layout() const { return kNatural; }
+
+  float block_scale(int64_t, int64_t) const { return 1.f; }
+  float row_scale(int64_t o) const { return scales[o]; }
+  void block_scalar(int64_t o, int64_t b, int8_t* w) const { std::memcpy(w, weight + o * K + b * QK, QK); }
+#if defined(__AVX2__)
+  __m256i block(int64_t o, int64_t b) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + o * K + b * QK));
+  }
+#endif
+#if defined(OSSGPT_AVX512)
+  static constexpr __mmask16 kSecondBlock = 0xFF00;
+  __m512i block2(int64_t o, int64_t b) const { return _mm512_loadu_si512(weight + o * K + b * QK); }
+#endif
+};
+
+// ----------------------------------------------------------------------------- the block dot products
+#if defined(__AVX2__)
+// Sum of 32 products of signed bytes w and q, as 8 int32 partial sums. The byte instructions multiply an
+// unsigned operand by a signed one: |w| times q carrying w's sign is the same product. (|w| <= 127 and
+// |q| <= 127, so vpmaddubsw's pairwise int16 sums cannot saturate.)
+inline __m256i dot_block(__m256i w_abs, __m256i w, __m256i q) {
+  const __m256i q_signed = _mm256_sign_epi8(q, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, q_signed);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w_abs, q_signed);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, q_signed), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One tile of the output: weight rows o .. o + R - 1 times activation rows t0 .. t0 + T - 1, into sums[r * T + i].
+// Each weight block is decoded once for the T activation rows, each activation block loaded once for the R weight
+// rows, and the R * T accumulators are independent chains (one chain would wait on each multiply-add's latency).
+template <int R, int T, class W>
+inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < T; ++i) acc[r][i] = _mm256_setzero_ps();
+  const int64_t K = G * QK;
+  for (int64_t b = 0; b < G; ++b) {
+    __m256i wb[R], w_abs[R];
+    float s[R];
+    for (int r = 0; r < R; ++r) {
+      wb[r] = w.block(o + r, b);
+      w_abs[r] = _mm256_sign_epi8(wb[r], wb[r]);
+      s[r] = w.block_scale(o + r, b);
+    }
+    for (int i = 0; i < T; ++i) {
+      const int64_t t = t0 + i;
+      const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * K + b * QK));
+      const float dt = d[t * G + b];
+      for (int r = 0; r < R; ++r) {
+        const __m256 products = _mm256_cvtepi32_ps(dot_block(w_abs[r], wb[r], qb));
+        acc[r][i] = _mm256_fmadd_ps(products, _mm256_set1_ps(s[r] * dt), acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < T; ++i) sums[r * T + i] = horizontal_sum(acc[r][i]);
+}
+#if defined(OSSGPT_AVX512)
+// The same tile, two blocks at a time in 512-bit registers (G must be even). AVX-512 has no byte sign
+// instruction: q is negated under the mask of w's sign bits instead.
+template <int R, int T, class W>
+inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < T; ++i) acc[r][i] = _mm512_setzero_ps();
+  const int64_t K = G * QK;
+  for (int64_t b = 0; b < G; b += 2) {
+    // Scales as a vector holding each lane's block's scale (W::kSecondBlock: the int32 lanes of block b + 1): one
+    // per weight row and one per activation row, then their product.
+    __m512i w_abs[R];
+    __mmask64 negative[R];
+    __m512 w_scale[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i wb = w.block2(o + r, b);
+      w_abs[r] = _mm512_abs_epi8(wb);
+      negative[r] = _mm512_movepi8_mask(wb);
+      w_scale[r] = _mm512_mask_blend_ps(W::kSecondBlock, _mm512_set1_ps(w.block_scale(o + r, b)),
+                                        _mm512_set1_ps(w.block_scale(o + r, b + 1)));
+    }
+    for (int i = 0; i < T; ++i) {
+      const int64_t t = t0 + i;
+      const __m512i qb = _mm512_loadu_si512(q + t * K + b * QK);
+      const __m512 x_scale =
+          _mm512_mask_blend_ps(W::kSecondBlock, _mm512_set1_ps(d[t * G + b]), _mm512_set1_ps(d[t * G + b + 1]));
+      for (int r = 0; r < R; ++r) {
+        const __m512i q_signed = _mm512_mask_sub_epi8(qb, negative[r], _mm512_setzero_si512(), qb);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs[r], q_signed);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale[r], x_scale), acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < T; ++i) sums[r * T + i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+#endif
+#else
+template <int R, int T, class W>
+inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+  int8_t wb[QK];
+  const int64_t K = G * QK;
+  for (int j = 0; j < R * T; ++j) sums[j] = 0.f;
+  for (int r = 0; r < R; ++r) {
+    for (int64_t b = 0; b < G; ++b) {
+      w.block_scalar(o + r, b, wb);
+      const float s = w.block_scale(o + r, b);
+      for (int i = 0; i < T; ++i) {
+        const int8_t* qb = q + (t0 + i) * K + b * QK;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < QK; ++j) dot += int32_t(wb[j]) * int32_t(qb[j]);
+        sums[r * T + i] += float(dot) * (s * d[(t0 + i) * G + b]);
+      }
+    }
+  }
+}
+#endif
+
+#if !defined(OSSGPT_AVX512)
+template <int R, int T, class W>
+inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+  tile<R, T>(w, o, q, d, t0, G, sums);  // no 512-bit registers: never called (`wide` is false)
+}
+#endif
+
+// Weight rows o .. o + R - 1 times all n activation rows: tiles of 4 activation rows, then one at a time.
+template <int R, class W>
+inline void rows(const W& w, int64_t o, const int8_t* q, const float* d, int64_t n, int64_t G, int64_t O,
+                 const float* bias, float* y) {
+  float sums[R * 4];
+  int64_t t = 0;
+  auto store = [&](int T) {
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < T; ++i)
+        y[(t + i) * O + o + r] = sums[r * T + i] * w.row_scale(o + r) + (bias ? bias[o + r] : 0.f);
+  };
+  for (; t + 4 <= n; t += 4) {
+    wide(G) ? tile2<R, 4>(w, o, q, d, t, G, sums) : tile<R, 4>(w, o, q, d, t, G, sums);
+    store(4);
+  }
+  for (; t < n; ++t) {
+    wide(G) ? tile2<R, 1>(w, o, q, d, t, G, sums) : tile<R, 1>(w, o, q, d, t, G, sums);
+    store(1);
+  }
+}
+
+// y [n, O] = x [n, K] (quantized to q, d) times the weights' rows, plus bias [O] (or none).
+template <class W>
+void q8_matmul(const W& w, const int8_t* q, const float* d, int64_t n, int64_t K, int64_t O, const float* bias,
+               float* y) {
+  const int64_t G = K / QK;
+  constexpr int R = 2;  // weight rows per tile (R * 4 accumulators fit AVX2's 16 vector registers)
+  // Enough rows per task that thread start-up is paid back (a row costs ~G * n block products).
+  const int64_t grain = std::max<int64_t>(R, 16384 / std::max<int64_t>(1, G * n));
+  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) {
+    int64_t o = begin;
+    if (n < 4) {  // decoding: 4 weight rows at a time for more independent chains
+      for (; o + 4 <= end; o += 4) rows<4>(w, o, q, d, n, G, O, bias, y);
+    }
+    for (; o + R <= end; o += R) rows<R>(w, o, q, d, n, G, O, bias, y);
+    for (; o < end; ++o) rows<1>(w, o, q, d, n, G, O, bias, y);
+  });
+}
+
+// ---------------------------------------------------------------------------------------- entry points
+void check_activations(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 CPU matrix [n, K]");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(K % QK == 0, "K (", K, ") must be a multiple of 32");
+}
+
+const float* bias_pointer(const c10::optional<torch::Tensor>& bias, int64_t O) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == O,
+              "bias must be a contiguous float32 vector of ", O, " values");
+  return bias->data_ptr<float>();
+}
+
+template <class W>
+torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::optional<torch::Tensor>& bias) {
+  const int64_t n = x.size(0), K = x.size(1);
+  auto q = torch::empty({n, K}, x.options().dtype(torch::kInt8));
+  auto d = torch::empty({n, K / QK}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) quantize_row(xp + t * K, qp + t * K, dp + t * (K / QK), K, w.layout());
+  });
+  auto y = torch::empty({n, O}, x.options());
+  q8_matmul(w, qp, dp, n, K, O, bias_pointer(bias, O), y.data_ptr<float>());
+  return y;
+}
+
+// x [n, K] float32 times MXFP4 weight rows (blocks [O, K/32, 16], scales [O, K/32], uint8) + bias -> [n, O].
+torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, const torch::Tensor& scales,
+                           const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8 && blocks.dim() == 3 &&
+                  blocks.size(2) == QK / 2 && scales.dim() == 2 && blocks.size(0) == scales.size(0) &&
+                  blocks.size(1) == scales.size(1) && blocks.is_contiguous() && scales.is_contiguous(),
+              "blocks [O, G, 16] and scales [O, G] must be contiguous uint8 tensors");
+  const int64_t O = blocks.size(0), G = blocks.size(1);
+  check_activations(x, G * QK);
+  const MXFP4Weights w(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G);
+  return run(w, x, O, bias);
+}
+
+// x [n, K] float32 times int8 weight rows [O, K] with float32 row scales [O] + bias -> [n, O].
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be a contiguous int8 matrix [O, K]");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == weight.size(0),
+              "scales must be a contiguous float32 vector [O]");
+  const int64_t O = weight.size(0), K = weight.size(1);
+  check_activations(x, K);
+  const Int8Weights w{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K};
+  return run(w, x, O, bias);
+}
+
+// blocks [R, G, 16], scales [R, G] (uint8) -> float32 [R, G * 32]: the MXFP4 values, in their natural order.
+torch::Tensor mxfp4_dequantize(const torch::Tensor& blocks, const torch::Tensor& scales) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8 && blocks.dim() == 3 &&
+                  blocks.size(2) == QK / 2 && scales.dim() == 2 && blocks.size(0) == scales.size(0) &&
+                  blocks.size(1) == scales.size(1) && blocks.is_contiguous() && scales.is_contiguous(),
+              "blocks [R, G, 16] and scales [R, G] must be contiguous uint8 tensors");
+  const int64_t R = blocks.size(0), G = blocks.size(1);
+  auto out = torch::empty({R, G * QK}, torch::TensorOptions().dtype(torch::kFloat32));
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  const uint8_t* sp = scales.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  float value[16];
+  for (int c = 0; c < 16; ++c) value[c] = 0.5f * kFP4Doubled[c];
+  value[8] = -0.f;
+  at::parallel_for(0, R * G, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float s = std::ldexp(1.f, int(sp[i]) - 127);
+      const uint8_t* bytes = bp + i * (QK / 2);
+      float* o = op + i * QK;
+      for (int64_t j = 0; j < QK / 2; ++j) {
+        o[2 * j] = value[bytes[j] & 0x0F] * s;
+        o[2 * j + 1] = value[bytes[j] >> 4] * s;
+      }
+    }
+  });
+  return out;
+}
+
+std::string instruction_set() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512-vnni";
+#elif defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mxfp4_linear", &mxfp4_linear, "x [n, K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [n, O] f32");
+  m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row scales) -> [n, O] f32");
+  m.def("mxfp4_dequantize", &mxfp4_dequantize, "MXFP4 blocks [R, G, 16] + scales [R, G] -> f32 [R, G * 32]");
+  m.def("instruction_set", &instruction_set, "the instruction set this build uses");
+}

@@ -1,0 +1,81 @@
+"""The native CPU kernels (csrc/cpu_q8.cpp): compiled once for this machine, then loaded from a cache.
+
+    native()   the compiled module, or None where it cannot be built (no C++ compiler, no ninja, not Linux/x86):
+               callers then take their pure-PyTorch path, and a one-line notice says so once.
+
+The instruction set is picked at run time from the CPU's flags: the module is built for the best of
+`INSTRUCTION_SETS` this CPU has, under a name of its own, so a cache shared by machines with different CPUs
+holds one build per kind. torch.utils.cpp_extension compiles it on first use (a minute or so) into
+`TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions) and rebuilds it when the source changes.
+
+OSSGPT_NATIVE=0 turns the native kernels off; OSSGPT_NATIVE=avx2 (or another name below) asks for a lesser
+instruction set than the CPU has, e.g. to measure what an AVX2-only machine gets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_q8.cpp"
+
+# name -> (CPU flags it needs (as /proc/cpuinfo spells them), compiler flags), best first.
+INSTRUCTION_SETS = {
+    "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                   ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+    "avxvnni": (("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+    "generic": ((), ()),
+}  # fmt: skip
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def pick_instruction_set(flags: set[str], requested: str | None = None) -> str:
+    """The best entry of INSTRUCTION_SETS whose flags are all in `flags` (no better than `requested`)."""
+    names = list(INSTRUCTION_SETS)
+    start = names.index(requested) if requested in names else 0
+    return next(name for name in names[start:] if set(INSTRUCTION_SETS[name][0]) <= flags)
+
+
+@functools.cache
+def native():
+    """The compiled kernels module for this CPU, or None (with a one-line notice on stderr) if unavailable."""
+    setting = os.environ.get("OSSGPT_NATIVE", "").strip().lower()
+    if setting in ("0", "off", "no", "false"):
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _notice(f"native CPU kernels are built for Linux x86-64 only, not {platform.system()} {platform.machine()}")
+        return None
+    name = pick_instruction_set(cpu_flags(), setting or None)
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            name=f"ossgpt_cpu_q8_{name}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *INSTRUCTION_SETS[name][1]],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # noqa: BLE001 (a compiler, ninja or linker failure: the message says which)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _notice(f"could not build the native CPU kernels ({reason[:200]})")
+        return None
+    return module
+
+
+def _notice(reason: str) -> None:
+    print(f"ossgpt: {reason}; using the slower pure-PyTorch kernels", file=sys.stderr)
