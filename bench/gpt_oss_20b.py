@@ -4,6 +4,10 @@ memory-bandwidth bound and (optionally) llama.cpp run side by side.
     python bench/gpt_oss_20b.py                         # the full model (writes a 13.8 GB checkpoint once)
     python bench/gpt_oss_20b.py --layers 2 --quick      # smoke run: 2 layers, short prompt
     python bench/gpt_oss_20b.py --llama-bench ~/llama.cpp/build/bin/llama-bench --gguf gpt-oss-20b.gguf
+    python bench/gpt_oss_20b.py --original              # the same weights in OpenAI's original/ layout
+    python bench/gpt_oss_20b.py --kernels               # the native products alone: in cache, and streamed
+    python bench/gpt_oss_20b.py --parts                 # where a decoded token's time goes
+    python bench/gpt_oss_20b.py --memory-table          # weights and KV cache of gpt-oss-20b and -120b, on paper
 
 The published weights cannot be downloaded here, so the benchmark writes (once, cached under --cache) a random
 checkpoint with gpt-oss-20b's exact shapes in the published Hugging Face layout: config.json with the MXFP4
@@ -108,12 +112,59 @@ def write_checkpoint(directory: Path, layers: int, seed: int = 0) -> Path:
     return directory
 
 
-def ensure_checkpoint(cache: Path, layers: int) -> Path:
+def write_original_layout(hf_directory: Path, directory: Path) -> Path:
+    """The same weights in OpenAI's original layout (directory/original/: config.json + model.safetensors, as in
+    the published repositories): fused qkv, reference names, norms in float32, experts as stored."""
+    from safetensors import safe_open
+
+    from ossgpt.checkpoint.original import RENAMES, TOP_LEVEL
+
+    hf = json.loads((hf_directory / "config.json").read_text())
+    hf_name = {ours: theirs for theirs, ours in TOP_LEVEL.items()}
+    block_name = {ours: theirs for theirs, ours in RENAMES.items()}
+    tensors, handles = {}, []
+    for path in sorted(hf_directory.glob("*.safetensors")):
+        handles.append(safe_open(str(path), framework="pt"))
+        for name in handles[-1].keys():
+            tensors[name.removeprefix("model.")] = handles[-1].get_tensor(name)
+    out = {theirs: tensors.pop(ours) for ours, theirs in hf_name.items()}
+    out["norm.scale"] = out["norm.scale"].float()
+    for n in range(hf["num_hidden_layers"]):
+        ours, ref = f"layers.{n}.", f"block.{n}."
+        for kind in ("weight", "bias"):
+            out[f"{ref}attn.qkv.{kind}"] = torch.cat([tensors.pop(f"{ours}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for name in [key for key in tensors if key.startswith(ours)]:
+            theirs = ref + block_name[name.removeprefix(ours)]
+            out[theirs] = tensors.pop(name).float() if theirs.endswith("norm.scale") else tensors.pop(name)
+    assert not tensors, f"tensors left unmapped: {sorted(tensors)[:3]}"
+    config = dict(num_hidden_layers=hf["num_hidden_layers"], num_experts=hf["num_local_experts"],
+                  experts_per_token=hf["num_experts_per_tok"], vocab_size=hf["vocab_size"],
+                  hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                  swiglu_limit=hf["swiglu_limit"], head_dim=hf["head_dim"],
+                  num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf["num_key_value_heads"],
+                  sliding_window=hf["sliding_window"], initial_context_length=4096, rope_theta=hf["rope_theta"],
+                  rope_scaling_factor=32.0, rope_ntk_alpha=1.0, rope_ntk_beta=32.0)  # fmt: skip
+    with atomic_directory(directory) as tmp:
+        (tmp / "original").mkdir()
+        save_file({name: t.contiguous() for name, t in out.items()}, str(tmp / "original" / "model.safetensors"))
+        (tmp / "original" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def ensure_checkpoint(cache: Path, layers: int, original: bool = False) -> Path:
+    """The cached random checkpoint's directory (HF layout, or with `original` the same weights in the original
+    layout), written first if missing."""
     directory = checkpoint_dir(cache, layers)
     if not (directory / "config.json").exists():
         print(f"writing a random {layers}-layer gpt-oss-20b checkpoint to {directory} (once)", file=sys.stderr)
         write_checkpoint(directory, layers)
-    return directory
+    if not original:
+        return directory
+    converted = directory.with_name(directory.name + "-original")
+    if not (converted / "original" / "config.json").exists():
+        print(f"writing its original layout to {converted} (once)", file=sys.stderr)
+        write_original_layout(directory, converted)
+    return converted
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -195,6 +246,7 @@ def run_child(command: list[str]) -> tuple[str, int]:
 
 def measure_ossgpt(args, directory: Path) -> dict:
     command = [sys.executable, __file__, "--worker", "--layers", str(args.layers), "--cache", str(args.cache),
+               *(["--original"] if args.original else []),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                "--threads", str(args.threads)]  # fmt: skip
     out, rss = run_child(command)
@@ -221,6 +273,91 @@ def machine() -> str:
     isa = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in ("avx2", "avx512f", "avx512_vnni",
                                                                                 "avx512_bf16", "amx_tile"))  # fmt: skip
     return f"{model}, {os.cpu_count()} CPUs ({isa}), torch {torch.__version__}"
+
+
+def kernel_rates(threads: int) -> list[tuple[str, float, float]]:
+    """(kernel, hot, streamed) for the native products of one token (x [1, 2880]): `hot` in G weights/s on one
+    thread over a matrix that fits in L2; `streamed` in GB/s on `threads` threads over 640 MB of distinct
+    matrices (larger than any cache), as decoding reads them."""
+    from ossgpt.kernels.native import native
+
+    kernels = native()
+    if kernels is None:
+        return []
+    x = torch.randn(1, 2880)
+
+    def mxfp4(rows: int):
+        return (torch.randint(0, 256, (rows, 90, 16), dtype=torch.uint8),
+                torch.randint(118, 122, (rows, 90), dtype=torch.uint8))  # fmt: skip
+
+    def int8(rows: int):
+        return torch.randint(-127, 128, (rows, 2880), dtype=torch.int8), torch.rand(rows)
+
+    def seconds(product, matrices, repeats: int) -> float:
+        """Seconds to multiply x by every matrix once (best of `repeats` passes after a first)."""
+        best = float("inf")
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for matrix in matrices:
+                product(x, *matrix, None)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    rows = []
+    for name, make, product in (("MXFP4", mxfp4, kernels.mxfp4_linear), ("int8", int8, kernels.int8_linear)):
+        torch.set_num_threads(1)
+        small = make(256)
+        hot = 256 * 2880 * 200 / seconds(product, [small] * 200, 10) / 1e9
+        torch.set_num_threads(threads)
+        matrices = [make(5760) for _ in range(640 * 10**6 // sum(t.numel() * t.element_size() for t in make(5760)))]
+        nbytes = sum(t.numel() * t.element_size() for m in matrices for t in m)
+        streamed = nbytes / seconds(product, matrices, 3) / 1e9
+        rows.append((name, hot, streamed))
+    return rows
+
+
+def decode_parts(directory: Path, threads: int, tokens: int = 16) -> dict[str, float]:
+    """Milliseconds per decoded token spent in each part of the model (after a 64-token prompt): each part's
+    forward is wrapped with a clock; "other" is what the parts leave (norms, residuals, sampling, the loop)."""
+    from ossgpt.inference.generate import stream
+    from ossgpt.inference.loading import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(directory)
+    spent: dict[str, float] = {}
+
+    def clocked(module, part: str) -> None:
+        forward = module.forward
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
+            return out
+
+        module.forward = timed
+
+    for layer in model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            clocked(getattr(layer.self_attn, name), "attention projections (int8)")
+        clocked(layer.self_attn, "attention")
+        clocked(layer.mlp.router, "router")
+        clocked(layer.mlp.experts, "experts (MXFP4, fused per token)")
+    clocked(model.lm_head, "LM head (int8)")
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in stream(model, ids, 4):  # warm-up
+            pass
+        for i, _ in enumerate(stream(model, ids, tokens + 1)):
+            if i == 0:  # the prompt is done: count from here
+                spent.clear()
+                start = time.perf_counter()
+    total = time.perf_counter() - start
+    parts = {part: 1e3 * seconds / tokens for part, seconds in spent.items()}
+    parts["attention"] -= parts["attention projections (int8)"]  # the rest of attention: rope, cache, softmax
+    parts["other"] = 1e3 * total / tokens - sum(parts.values())
+    parts["total"] = 1e3 * total / tokens
+    return parts
 
 
 def memory_table() -> str:
@@ -259,8 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gguf", type=Path, help="the GGUF converted from the same checkpoint, for --llama-bench")
     parser.add_argument("--llama-repetitions", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--original", action="store_true", help="load the same weights in OpenAI's original layout")
     parser.add_argument("--write-only", action="store_true", help="write the checkpoint (if missing) and stop")
     parser.add_argument("--memory-table", action="store_true", help="print the memory table on paper and stop")
+    parser.add_argument("--kernels", action="store_true", help="time the native products alone and stop")
+    parser.add_argument("--parts", action="store_true", help="time each part of a decoded token and stop")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -268,17 +408,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_table:
         print(memory_table())
         return
+    if args.kernels:
+        print(f"CPU: {machine()}; float32 GEMV bandwidth {gemv_bandwidth(args.threads) / 1e9:.1f} GB/s\n")
+        print(
+            "| kernel (x [1, 2880]) | in L2, 1 thread (G weights/s) | streamed, 640 MB (GB/s) |\n| --- | ---: | ---: |"
+        )
+        for name, hot, streamed in kernel_rates(args.threads):
+            print(f"| {name} | {hot:.1f} | {streamed:.1f} |")
+        return
     if bool(args.llama_bench) != bool(args.gguf):
         parser.error("--llama-bench and --gguf go together")
-    directory = ensure_checkpoint(args.cache, args.layers)
+    directory = ensure_checkpoint(args.cache, args.layers, args.original)
     if args.write_only:
         print(directory)
+        return
+    if args.parts:
+        print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers\n")
+        print("| part of a decoded token | ms |\n| --- | ---: |")
+        for part, ms in decode_parts(directory, args.threads).items():
+            print(f"| {part} | {ms:.1f} |")
         return
     if args.worker:
         print(json.dumps(ossgpt_worker(directory, args.prompt_tokens, args.new_tokens, args.threads)))
         return
 
-    warm_page_cache(sorted(directory.glob("*.safetensors")) + ([args.gguf] if args.gguf else []))
+    warm_page_cache(sorted(directory.glob("**/*.safetensors")) + ([args.gguf] if args.gguf else []))
     bandwidth = gemv_bandwidth(args.threads)
     ours = measure_ossgpt(args, directory)
     llama = measure_llama(args) if args.llama_bench else None
@@ -288,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         return f"{100 * tps * nbytes / bandwidth:.0f}%"
 
     ref_bytes = ours["reference_bytes_per_token"]
-    print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers; prompt {args.prompt_tokens} tokens, "
+    layout = "original" if args.original else "Hugging Face"
+    print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers, {layout} layout; "
+          f"prompt {args.prompt_tokens} tokens, "
           f"then {args.new_tokens} greedy tokens; float32 GEMV bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print(f"ossgpt weights: {ours['weights']}\n")
     print(

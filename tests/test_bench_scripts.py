@@ -76,3 +76,10 @@ def test_step_parts_script():
     out = run_script("step_parts.py", "--quick")
     parts = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert {"swiglu", "muon"} <= set(parts[1:])
+
+
+def test_gpt_oss_20b_memory_table():
+    """The paper table of bench/gpt_oss_20b.py (its measuring runs need a 13.8 GB checkpoint: BENCHMARKS.md)."""
+    out = run_script("gpt_oss_20b.py", "--memory-table")
+    rows = [line for line in out.splitlines() if line.startswith("| gpt-oss")]
+    assert len(rows) == 6 and all(line.count("GB") == 2 for line in rows)

@@ -21,8 +21,8 @@ from ossgpt.inference.loading import load_model
 from ossgpt.inference.memory import MemoryPlan, check_memory
 from ossgpt.kernels import native as native_module
 from ossgpt.kernels.int8 import int8_dynamic_linear, quantize_int8
-from ossgpt.kernels.mxfp4 import dequantize, mxfp4_linear
-from ossgpt.kernels.native import native, pick_instruction_set
+from ossgpt.kernels.mxfp4 import dequantize, mxfp4_linear, mxfp4_token_experts
+from ossgpt.kernels.native import INSTRUCTION_SETS, cpu_flags, native, pick_instruction_set
 from ossgpt.quant.int8 import Int8Linear, StoredEmbedding
 from ossgpt.quant.mxfp4 import MXFP4Experts
 from test_mxfp4 import published_config, reference_model, write_published_mxfp4
@@ -128,6 +128,80 @@ def test_int8_linear_within_the_activation_rounding_bound(n):
     got = int8_dynamic_linear(x, q, s)
     exact = x.double() @ w.T
     assert ((got.double() - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+
+
+LESSER = [name for name in list(INSTRUCTION_SETS)[1:] if set(INSTRUCTION_SETS[name][0]) <= cpu_flags()]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", LESSER[-2:])  # AVX2 and plain C++: what machines without AVX-512 VNNI build
+def test_every_instruction_set_this_cpu_can_run_is_within_the_bound(isa, monkeypatch):
+    """The kernels built for a lesser instruction set than the CPU's best (a minute's compile each, then cached):
+    the AVX2 and plain C++ paths are checked here even on an AVX-512 machine."""
+    monkeypatch.setenv("OSSGPT_NATIVE", isa)
+    native_module.native.cache_clear()
+    try:
+        module = native()
+        assert module is not None and module.instruction_set() == isa.replace("avx512vnni", "avx512-vnni")
+        g = torch.Generator().manual_seed(3)
+        blocks, scales = random_mxfp4(19, 2880, g)
+        q, s = quantize_int8(torch.randn(23, 2880, generator=g))
+        for n in (1, 5):
+            x = torch.randn(n, 2880, generator=g)
+            w = dequantize(blocks, scales).double()
+            exact = x.double() @ w.T
+            got = module.mxfp4_linear(x, blocks, scales, None).double()
+            assert ((got - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+            w = q.double() * s.double()[:, None]
+            exact = x.double() @ w.T
+            got = module.int8_linear(x, q, s.float(), None).double()
+            assert ((got - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+    finally:
+        native_module.native.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("hidden, width", [(64, 96), (96, 64)])  # even and odd block counts on either side
+def test_fused_token_experts_equal_the_per_expert_products(hidden, width):
+    """One token through its k experts in one native call against the same products one expert at a time
+    (`Experts.loop` over `mxfp4_linear`), and against float64 with the dequantized weights."""
+    from ossgpt import GPTOSSConfig
+    from ossgpt.model.moe import clamped_swiglu
+
+    config = GPTOSSConfig(vocab_size=64, eos_token_id=0, hidden_size=hidden, intermediate_size=width,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          num_local_experts=5, num_experts_per_tok=3)  # fmt: skip
+    g = torch.Generator().manual_seed(hidden)
+    experts = MXFP4Experts(config)
+    experts.gate_up_proj_blocks, experts.gate_up_proj_scales = random_mxfp4(5 * 2 * width, hidden, g)
+    experts.down_proj_blocks, experts.down_proj_scales = random_mxfp4(5 * hidden, width, g)
+    experts.gate_up_proj_blocks = experts.gate_up_proj_blocks.view(5, 2 * width, hidden // 32, 16)
+    experts.gate_up_proj_scales = experts.gate_up_proj_scales.view(5, 2 * width, hidden // 32)
+    experts.down_proj_blocks = experts.down_proj_blocks.view(5, hidden, width // 32, 16)
+    experts.down_proj_scales = experts.down_proj_scales.view(5, hidden, width // 32)
+    experts.gate_up_proj_bias = torch.nn.Parameter(torch.randn(5, 2 * width, generator=g))
+    experts.down_proj_bias = torch.nn.Parameter(torch.randn(5, hidden, generator=g))
+    x = torch.randn(1, hidden, generator=g) * 4
+    indices = torch.tensor([[4, 0, 2]])
+    weights = torch.tensor([[0.5, 0.3, 0.2]])
+    with torch.no_grad():
+        fused = experts(x, indices, weights)  # one token: the fused call
+        direct = mxfp4_token_experts(x, indices, weights, (experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
+                                     experts.gate_up_proj_bias), (experts.down_proj_blocks, experts.down_proj_scales,
+                                     experts.down_proj_bias), experts.alpha, experts.limit)  # fmt: skip
+        assert direct is not None and torch.equal(direct, fused)
+        looped = experts.loop(x, indices, weights)  # one mxfp4_linear per projection and expert
+        exact = torch.zeros(1, hidden, dtype=torch.float64)
+        for e, w in zip(indices[0].tolist(), weights[0].tolist()):
+            gate_up = dequantize64(experts.gate_up_proj_blocks[e], experts.gate_up_proj_scales[e])
+            down = dequantize64(experts.down_proj_blocks[e], experts.down_proj_scales[e])
+            h = clamped_swiglu(x.double() @ gate_up.T + experts.gate_up_proj_bias[e].double(), 1.702, 7.0)
+            exact += w * (h @ down.T + experts.down_proj_bias[e].double())
+    scale = exact.abs().max()
+    # The two native paths differ only where an activation's float rounding (exp vs torch's sigmoid) tips its
+    # int8 rounding, one step of one value; both are within int8 rounding of the float64 result.
+    assert ((fused - looped).abs().max() / scale) < 1e-3
+    assert ((fused.double() - exact).abs().max() / scale) < 2e-2
 
 
 def test_quantize_int8_in_row_chunks_is_the_same():

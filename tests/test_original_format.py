@@ -143,6 +143,22 @@ def test_loads_exactly_from_the_root_or_from_original(original):
             assert torch.equal(loaded(IDS[None]).logits, expected)
 
 
+def test_the_cli_loader_takes_a_root_holding_only_original(original):
+    """`ossgpt generate --checkpoint ROOT` on a download of original/ only: the CPU path (packed experts, int8)
+    and the same greedy tokens as the HF layout of the same weights."""
+    from ossgpt.inference.generate import generate
+    from ossgpt.inference.loading import load_model
+
+    model, root, _ = original
+    packed = load_model(root)
+    assert isinstance(packed.layers[0].mlp.experts, MXFP4Experts)
+    hf = root.parent / (root.name + "-hf")
+    write_published_mxfp4(model, hf, published_config())
+    with torch.no_grad():
+        assert torch.equal(generate(packed, IDS[None, :6], max_new_tokens=5),
+                           generate(load_model(hf), IDS[None, :6], max_new_tokens=5))  # fmt: skip
+
+
 def test_config_follows_the_reference(original):
     model, root, _ = original
     c = GPTOSSForCausalLM.from_pretrained(root).config

@@ -37,6 +37,7 @@ from ossgpt.errors import UserError
 # The reference's ModelConfig fields that fix the tensor shapes (the others have its defaults below).
 SHAPE_FIELDS = ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
                 "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")  # fmt: skip
+ORIGINAL_DIR = "original"  # the folder of a published repository that holds this layout
 REFERENCE_DEFAULTS = dict(swiglu_limit=7.0, sliding_window=128, initial_context_length=4096, rope_theta=150000.0,
                           rope_scaling_factor=32.0, rope_ntk_alpha=1.0, rope_ntk_beta=32.0)  # fmt: skip
 # gpt-oss's o200k_harmony ids: generation ends at <|return|>; <|endoftext|> pads.

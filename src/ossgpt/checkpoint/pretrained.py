@@ -31,7 +31,13 @@ from safetensors.torch import save_file
 
 from ossgpt.checkpoint.files import atomic_directory, iter_tensors, read_json, safetensors_files
 from ossgpt.checkpoint.hf_config import config_from_hf, config_to_hf
-from ossgpt.checkpoint.original import config_from_original, is_original_config, original_files, rename_original
+from ossgpt.checkpoint.original import (
+    ORIGINAL_DIR,
+    config_from_original,
+    is_original_config,
+    original_files,
+    rename_original,
+)
 from ossgpt.config import GPTOSSConfig
 from ossgpt.errors import UserError
 from ossgpt.kernels.mxfp4 import dequantize_experts
@@ -43,7 +49,6 @@ from ossgpt.quant.mxfp4 import has_mxfp4_experts, use_mxfp4_experts
 FORMAT_NAME = "ossgpt"
 FORMAT_VERSION = 1
 HF_PREFIX = "model."
-ORIGINAL_DIR = "original"
 # What published HF MXFP4 checkpoints say in config.json (quantized: the experts only).
 MXFP4_QUANTIZATION_CONFIG = {
     "quant_method": "mxfp4",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ossgpt.checkpoint.original import ORIGINAL_DIR
 from ossgpt.errors import UserError
 
 CHECKPOINT = "checkpoint"
@@ -33,16 +34,16 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory that `path` names: `path` itself if it has config.json, else `path`/checkpoint."""
+    """The model directory that `path` names: `path` itself if it has config.json, else `path`/checkpoint (a
+    training run), else `path`/original (a gpt-oss download holding only OpenAI's original layout)."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (checkpoint_dir(path) / "config.json").is_file():
-        return checkpoint_dir(path)
+    for directory in (path, checkpoint_dir(path), path / ORIGINAL_DIR):
+        if (directory / "config.json").is_file():
+            return directory
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a model directory or a training run directory")
     raise UserError(
-        f"{path} is not a checkpoint: expected a model directory with config.json, "
+        f"{path} is not a checkpoint: expected a model directory with config.json (or {ORIGINAL_DIR}/config.json), "
         f"or a training run directory with {CHECKPOINT}/config.json"
     )
 

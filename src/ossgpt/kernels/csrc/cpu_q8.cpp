@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +34,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define OSSGPT_AVX512 1  // two blocks per instruction
 #endif
+
 
 namespace {
 
@@ -83,16 +85,26 @@ constexpr bool wide(int64_t G) {
 }
 
 // ------------------------------------------------------------------------------------ weight formats
-// block(o, b, w, s): the b-th block of weight row o as 32 int8 values (in the order the activations were
-// quantized in) and its float scale; row_scale(o): the factor applied to the row's finished sum.
+// block(o, b): the b-th block of weight row o as 32 int8 values (in the order the activations were quantized in);
+// block_scale(o, b): its float scale; row_scale(o): the factor applied to the row's finished sum;
+// prefetch(o, b): ask for the bytes a few rows further on. Rows are read once, straight from memory, and with
+// the hardware prefetcher alone the cores wait on it; the distances (~8 KB for MXFP4, ~16 KB for int8: some
+// rows ahead) are the ones that measured best (`python bench/gpt_oss_20b.py --kernels`; BENCHMARKS.md).
+// A prefetch never faults, so reading ahead past a matrix's end is harmless.
 struct MXFP4Weights {
   const uint8_t* blocks;  // [O, G, 16]
   const uint8_t* scales;  // [O, G]
   int64_t G;
-  float scale_of[256];
+  const float* scale_of = scale_table();  // exponent byte -> 2^(e - 127) / 2
 
-  MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {
-    for (int e = 0; e < 256; ++e) scale_of[e] = half_power_of_two(static_cast<uint8_t>(e));
+  MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {}
+  static const float* scale_table() {
+    static const auto table = [] {
+      std::array<float, 256> t{};
+      for (int e = 0; e < 256; ++e) t[e] = half_power_of_two(static_cast<uint8_t>(e));
+      return t;
+    }();
+    return table.data();
   }
   Layout layout() const { return wide(G) ? kPair : kBlock; }
   float block_scale(int64_t o, int64_t b) const { return scale_of[scales[o * G + b]]; }
@@ -112,6 +124,9 @@ struct MXFP4Weights {
     const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
     const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
     return _mm256_set_m128i(hi, lo);
+  }
+  void prefetch(int64_t o, int64_t b) const {
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + (o * G + b) * (QK / 2)) + 8192, _MM_HINT_T0);
   }
 #endif
 #if defined(OSSGPT_AVX512)
@@ -140,6 +155,9 @@ struct Int8Weights {
 #if defined(__AVX2__)
   __m256i block(int64_t o, int64_t b) const {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + o * K + b * QK));
+  }
+  void prefetch(int64_t o, int64_t b) const {
+    _mm_prefetch(reinterpret_cast<const char*>(weight + o * K + b * QK) + 16384, _MM_HINT_T0);
   }
 #endif
 #if defined(OSSGPT_AVX512)
@@ -184,6 +202,7 @@ inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
     __m256i wb[R], w_abs[R];
     float s[R];
     for (int r = 0; r < R; ++r) {
+      w.prefetch(o + r, b);
       wb[r] = w.block(o + r, b);
       w_abs[r] = _mm256_sign_epi8(wb[r], wb[r]);
       s[r] = w.block_scale(o + r, b);
@@ -217,6 +236,7 @@ inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_
     __mmask64 negative[R];
     __m512 w_scale[R];
     for (int r = 0; r < R; ++r) {
+      w.prefetch(o + r, b);
       const __m512i wb = w.block2(o + r, b);
       w_abs[r] = _mm512_abs_epi8(wb);
       negative[r] = _mm512_movepi8_mask(wb);
@@ -288,22 +308,27 @@ inline void rows(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
   }
 }
 
+// Output columns begin .. end - 1 of y [n, O] (one thread's share).
+template <class W>
+void row_range(const W& w, const int8_t* q, const float* d, int64_t n, int64_t G, int64_t O, const float* bias,
+               float* y, int64_t begin, int64_t end) {
+  constexpr int R = 2;  // weight rows per tile (R * 4 accumulators fit AVX2's 16 vector registers)
+  int64_t o = begin;
+  if (n < 4) {  // decoding: 4 weight rows at a time for more independent chains
+    for (; o + 4 <= end; o += 4) rows<4>(w, o, q, d, n, G, O, bias, y);
+  }
+  for (; o + R <= end; o += R) rows<R>(w, o, q, d, n, G, O, bias, y);
+  for (; o < end; ++o) rows<1>(w, o, q, d, n, G, O, bias, y);
+}
+
 // y [n, O] = x [n, K] (quantized to q, d) times the weights' rows, plus bias [O] (or none).
 template <class W>
 void q8_matmul(const W& w, const int8_t* q, const float* d, int64_t n, int64_t K, int64_t O, const float* bias,
                float* y) {
   const int64_t G = K / QK;
-  constexpr int R = 2;  // weight rows per tile (R * 4 accumulators fit AVX2's 16 vector registers)
   // Enough rows per task that thread start-up is paid back (a row costs ~G * n block products).
-  const int64_t grain = std::max<int64_t>(R, 16384 / std::max<int64_t>(1, G * n));
-  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) {
-    int64_t o = begin;
-    if (n < 4) {  // decoding: 4 weight rows at a time for more independent chains
-      for (; o + 4 <= end; o += 4) rows<4>(w, o, q, d, n, G, O, bias, y);
-    }
-    for (; o + R <= end; o += R) rows<R>(w, o, q, d, n, G, O, bias, y);
-    for (; o < end; ++o) rows<1>(w, o, q, d, n, G, O, bias, y);
-  });
+  const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, G * n));
+  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) { row_range(w, q, d, n, G, O, bias, y, begin, end); });
 }
 
 // ---------------------------------------------------------------------------------------- entry points
@@ -348,6 +373,85 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
   check_activations(x, G * QK);
   const MXFP4Weights w(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G);
   return run(w, x, O, bias);
+}
+
+// One token through its k experts, each fused: gate_up -> clamped SwiGLU -> down, mixed by the routing weights.
+//   x [1, H] f32, experts [k] int64, mix [k] f32; gate_up: blocks [E, 2I, H/32, 16], scales [E, 2I, H/32], bias
+//   [E, 2I] f32 (gate and up interleaved); down: blocks [E, H, I/32, 16], scales [E, H, I/32], bias [E, H] f32
+//   -> [1, H] f32.
+// The token is quantized once for all k gate_up products, and each projection of the k experts is one parallel
+// loop over all their rows: the threads start twice per layer, not 4k times.
+torch::Tensor mxfp4_experts(const torch::Tensor& x, const torch::Tensor& experts, const torch::Tensor& mix,
+                            const torch::Tensor& gate_up_blocks, const torch::Tensor& gate_up_scales,
+                            const torch::Tensor& gate_up_bias, const torch::Tensor& down_blocks,
+                            const torch::Tensor& down_scales, const torch::Tensor& down_bias, double alpha,
+                            double limit) {
+  TORCH_CHECK(experts.scalar_type() == torch::kInt64 && experts.dim() == 1 && mix.scalar_type() == torch::kFloat32 &&
+                  mix.numel() == experts.numel() && experts.is_contiguous() && mix.is_contiguous(),
+              "experts must be int64 [k] and mix float32 [k]");
+  for (const auto* t : {&gate_up_blocks, &gate_up_scales, &down_blocks, &down_scales})
+    TORCH_CHECK(t->scalar_type() == torch::kUInt8 && t->is_contiguous(), "packed experts must be contiguous uint8");
+  TORCH_CHECK(gate_up_blocks.dim() == 4 && down_blocks.dim() == 4 && gate_up_blocks.size(3) == QK / 2 &&
+                  down_blocks.size(3) == QK / 2, "packed experts must be [E, O, G, 16]");
+  const int64_t k = experts.numel(), E = gate_up_blocks.size(0), H = down_blocks.size(1);
+  const int64_t I2 = gate_up_blocks.size(1), I = I2 / 2, G_in = gate_up_blocks.size(2), G_mid = down_blocks.size(2);
+  TORCH_CHECK(G_in * QK == H && G_mid * QK == I && down_blocks.size(0) == E, "expert shapes do not match");
+  TORCH_CHECK(gate_up_bias.scalar_type() == torch::kFloat32 && gate_up_bias.is_contiguous() &&
+                  gate_up_bias.numel() == E * I2 && down_bias.scalar_type() == torch::kFloat32 &&
+                  down_bias.is_contiguous() && down_bias.numel() == E * H,
+              "expert biases must be contiguous float32 [E, 2I] and [E, H]");
+  check_activations(x, H);
+  TORCH_CHECK(x.size(0) == 1, "one token at a time");
+  const int64_t* ids = experts.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "expert index out of range");
+
+  auto opts = x.options();
+  auto qx = torch::empty({H}, opts.dtype(torch::kInt8));
+  auto dx = torch::empty({G_in}, opts);
+  auto h = torch::empty({k, I2}, opts);  // gate_up outputs, then (first I columns) the activations
+  auto qh = torch::empty({k, I}, opts.dtype(torch::kInt8));
+  auto dh = torch::empty({k, G_mid}, opts);
+  auto out = torch::empty({k, H}, opts);
+  const uint8_t *gub = gate_up_blocks.data_ptr<uint8_t>(), *gus = gate_up_scales.data_ptr<uint8_t>();
+  const uint8_t *db = down_blocks.data_ptr<uint8_t>(), *ds = down_scales.data_ptr<uint8_t>();
+  float *hp = h.data_ptr<float>(), *op = out.data_ptr<float>();
+  int8_t* qhp = qh.data_ptr<int8_t>();
+  float* dhp = dh.data_ptr<float>();
+
+  auto gate_up = [&](int64_t j) {
+    return MXFP4Weights(gub + ids[j] * I2 * G_in * (QK / 2), gus + ids[j] * I2 * G_in, G_in);
+  };
+  auto down = [&](int64_t j) { return MXFP4Weights(db + ids[j] * H * G_mid * (QK / 2), ds + ids[j] * H * G_mid, G_mid); };
+  quantize_row(x.data_ptr<float>(), qx.data_ptr<int8_t>(), dx.data_ptr<float>(), H, gate_up(0).layout());
+  // All k experts' rows of one projection as one range [0, k * O), split over the threads.
+  auto project = [&](int64_t O, int64_t G, auto weights_of, auto input_of, const float* bias, float* y) {
+    at::parallel_for(0, k * O, std::max<int64_t>(4, 16384 / G), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin / O; j * O < end; ++j) {
+        const auto [q, d] = input_of(j);
+        row_range(weights_of(j), q, d, 1, G, O, bias + ids[j] * O, y + j * O, std::max(begin, j * O) - j * O,
+                  std::min(end, (j + 1) * O) - j * O);
+      }
+    });
+  };
+  project(I2, G_in, gate_up, [&](int64_t) { return std::pair(qx.data_ptr<int8_t>(), dx.data_ptr<float>()); },
+          gate_up_bias.data_ptr<float>(), hp);
+  const float a = static_cast<float>(alpha), l = static_cast<float>(limit);
+  for (int64_t j = 0; j < k; ++j) {  // clamped SwiGLU (ossgpt.model.moe.clamped_swiglu), then quantized
+    float* hj = hp + j * I2;
+    for (int64_t i = 0; i < I; ++i) {
+      const float gate = std::min(hj[2 * i], l), up = std::clamp(hj[2 * i + 1], -l, l);
+      hj[i] = (up + 1.f) * (gate / (1.f + std::exp(-a * gate)));  // in place: column i is read before written
+    }
+    quantize_row(hj, qhp + j * I, dhp + j * G_mid, I, down(j).layout());
+  }
+  project(H, G_mid, down, [&](int64_t j) { return std::pair(qhp + j * I, dhp + j * G_mid); },
+          down_bias.data_ptr<float>(), op);
+  const float* w = mix.data_ptr<float>();
+  auto y = torch::zeros({1, H}, opts);
+  float* yp = y.data_ptr<float>();
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t c = 0; c < H; ++c) yp[c] += w[j] * op[j * H + c];
+  return y;
 }
 
 // x [n, K] float32 times int8 weight rows [O, K] with float32 row scales [O] + bias -> [n, O].
@@ -407,6 +511,7 @@ std::string instruction_set() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "x [n, K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [n, O] f32");
+  m.def("mxfp4_experts", &mxfp4_experts, "one token through its k MXFP4 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row scales) -> [n, O] f32");
   m.def("mxfp4_dequantize", &mxfp4_dequantize, "MXFP4 blocks [R, G, 16] + scales [R, G] -> f32 [R, G * 32]");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
