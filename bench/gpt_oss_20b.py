@@ -7,6 +7,7 @@ memory-bandwidth bound and (optionally) llama.cpp run side by side.
     python bench/gpt_oss_20b.py --original              # the same weights in OpenAI's original/ layout
     python bench/gpt_oss_20b.py --kernels               # the native products alone: in cache, and streamed
     python bench/gpt_oss_20b.py --parts                 # where a decoded token's time goes
+    python bench/gpt_oss_20b.py --layers 2 --accuracy   # the int8 path's logits against float32
     python bench/gpt_oss_20b.py --memory-table          # weights and KV cache of gpt-oss-20b and -120b, on paper
 
 The published weights cannot be downloaded here, so the benchmark writes (once, cached under --cache) a random
@@ -360,6 +361,37 @@ def decode_parts(directory: Path, threads: int, tokens: int = 16) -> dict[str, f
     return parts
 
 
+def accuracy_cost(directory: Path, threads: int, tokens: int = 128) -> dict[str, dict[str, float]]:
+    """What the fast paths cost against the float32 model with the experts dequantized exactly, on one random
+    prompt: the CPU default, then each of its two roundings alone (the MXFP4 products' int8 activations; the int8
+    attention and LM head). Per path: the largest logit error over the logits' range, the mean KL divergence of
+    the next-token distributions, and how often the top token agrees. (Random weights: this measures the
+    arithmetic, not the answers.)"""
+    from ossgpt.inference.loading import load_model
+    from ossgpt.options import RuntimeOptions
+
+    torch.set_num_threads(threads)
+    ids = torch.randint(0, 200_000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    paths = {  # name: (quantization, experts kernel)
+        "CPU default": ("auto", "sorted"),
+        "MXFP4 native products alone": ("none", "sorted"),
+        "int8 W8A8 attention and LM head alone": ("int8-dynamic", "loop"),
+    }
+    with torch.no_grad():
+        exact = load_model(directory, keep_mxfp4=False, quantization="none")(ids).logits[0].double()
+        results = {}
+        for path, (quantization, experts) in paths.items():
+            model = load_model(directory, quantization=quantization)
+            model.options = RuntimeOptions(experts=experts)
+            fast = model(ids).logits[0].double()
+            del model
+            kl = (exact.log_softmax(-1).exp() * (exact.log_softmax(-1) - fast.log_softmax(-1))).sum(-1)
+            agreement = (fast.argmax(-1) == exact.argmax(-1)).double().mean()
+            results[path] = dict(max_error_over_range=float((fast - exact).abs().max() / (exact.max() - exact.min())),
+                                 mean_kl=float(kl.mean()), top1_agreement=float(agreement))  # fmt: skip
+    return results
+
+
 def memory_table() -> str:
     """Weights, KV cache per 1k tokens and the memory to decode 8k tokens, for the published models as ossgpt holds
     them on a CPU (MXFP4 experts, int8 elsewhere, bf16 embedding) and dense in bfloat16 (a GPU without MXFP4)."""
@@ -401,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-table", action="store_true", help="print the memory table on paper and stop")
     parser.add_argument("--kernels", action="store_true", help="time the native products alone and stop")
     parser.add_argument("--parts", action="store_true", help="time each part of a decoded token and stop")
+    parser.add_argument("--accuracy", action="store_true", help="the CPU default's logits against float32, then stop")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -421,6 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     directory = ensure_checkpoint(args.cache, args.layers, args.original)
     if args.write_only:
         print(directory)
+        return
+    if args.accuracy:
+        print(f"CPU: {machine()}; {args.layers} layers, 128 random tokens\n")
+        print("| path | largest logit error / range | mean KL (nats) | top-token agreement |")
+        print("| --- | ---: | ---: | ---: |")
+        for path, cost in accuracy_cost(directory, args.threads).items():
+            print(f"| {path} | {cost['max_error_over_range']:.3f} | {cost['mean_kl']:.2g} | "
+                  f"{100 * cost['top1_agreement']:.0f}% |")  # fmt: skip
         return
     if args.parts:
         print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers\n")

@@ -61,10 +61,14 @@ def native():
         return None
     name = pick_instruction_set(cpu_flags(), setting or None)
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        module_name = f"ossgpt_cpu_q8_{name}"
+        if sys.stderr.isatty() and not (Path(_get_build_directory(module_name, False)) / f"{module_name}.so").exists():
+            print(f"ossgpt: building the native CPU kernels for {name} (once per machine, about a minute)",
+                  file=sys.stderr)  # fmt: skip
         module = load(
-            name=f"ossgpt_cpu_q8_{name}",
+            name=module_name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *INSTRUCTION_SETS[name][1]],
             extra_ldflags=["-fopenmp"],
