@@ -246,6 +246,27 @@ def test_without_a_compiler_the_pure_pytorch_path_with_one_notice(monkeypatch, c
         native_module.native.cache_clear()
 
 
+def test_a_failed_build_falls_back_to_the_next_instruction_set(monkeypatch, capsys):
+    """An older compiler may lack the best set's flags: the next one the CPU has is built instead, quietly."""
+    tried = []
+
+    def build(name):
+        tried.append(name)
+        if name == "avx512vnni":
+            raise RuntimeError("cc1plus: error: unrecognized command-line option '-mavx512vnni'")
+        return name
+
+    everything = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    monkeypatch.setattr(native_module, "_build", build)
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: everything)
+    monkeypatch.delenv("OSSGPT_NATIVE", raising=False)
+    native_module.native.cache_clear()
+    try:
+        assert native() == "avx2" and tried == ["avx512vnni", "avx2"] and capsys.readouterr().err == ""
+    finally:
+        native_module.native.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------------- whole model
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):

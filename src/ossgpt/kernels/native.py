@@ -52,33 +52,43 @@ def pick_instruction_set(flags: set[str], requested: str | None = None) -> str:
 
 @functools.cache
 def native():
-    """The compiled kernels module for this CPU, or None (with a one-line notice on stderr) if unavailable."""
+    """The compiled kernels module for this CPU, or None (with a one-line notice on stderr) if unavailable.
+
+    The best instruction set the CPU has is tried first; if its build fails (an older compiler without those
+    flags, say), the next ones in turn."""
     setting = os.environ.get("OSSGPT_NATIVE", "").strip().lower()
     if setting in ("0", "off", "no", "false"):
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _notice(f"native CPU kernels are built for Linux x86-64 only, not {platform.system()} {platform.machine()}")
         return None
-    name = pick_instruction_set(cpu_flags(), setting or None)
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+    names = list(INSTRUCTION_SETS)
+    first = names.index(pick_instruction_set(cpu_flags(), setting or None))
+    reason = ""
+    for name in [n for n in names[first:] if set(INSTRUCTION_SETS[n][0]) <= cpu_flags()]:
+        try:
+            return _build(name)
+        except Exception as err:  # noqa: BLE001 (a compiler, ninja or linker failure: the message says which)
+            reason = reason or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    _notice(f"could not build the native CPU kernels ({reason[:200]})")
+    return None
 
-        module_name = f"ossgpt_cpu_q8_{name}"
-        if sys.stderr.isatty() and not (Path(_get_build_directory(module_name, False)) / f"{module_name}.so").exists():
-            print(f"ossgpt: building the native CPU kernels for {name} (once per machine, about a minute)",
-                  file=sys.stderr)  # fmt: skip
-        module = load(
-            name=module_name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *INSTRUCTION_SETS[name][1]],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as err:  # noqa: BLE001 (a compiler, ninja or linker failure: the message says which)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _notice(f"could not build the native CPU kernels ({reason[:200]})")
-        return None
-    return module
+
+def _build(name: str):
+    """Compile (or load from the cache) the kernels for instruction set `name`."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    module_name = f"ossgpt_cpu_q8_{name}"
+    if sys.stderr.isatty() and not (Path(_get_build_directory(module_name, False)) / f"{module_name}.so").exists():
+        print(f"ossgpt: building the native CPU kernels for {name} (once per machine, about a minute)",
+              file=sys.stderr)  # fmt: skip
+    return load(
+        name=module_name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *INSTRUCTION_SETS[name][1]],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def _notice(reason: str) -> None:
