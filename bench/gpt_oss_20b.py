@@ -121,6 +121,7 @@ def write_original_layout(hf_directory: Path, directory: Path) -> Path:
     from ossgpt.checkpoint.original import RENAMES, TOP_LEVEL
 
     hf = json.loads((hf_directory / "config.json").read_text())
+    rope = hf["rope_parameters"]  # YaRN, as written by write_checkpoint
     hf_name = {ours: theirs for theirs, ours in TOP_LEVEL.items()}
     block_name = {ours: theirs for theirs, ours in RENAMES.items()}
     tensors, handles = {}, []
@@ -143,8 +144,9 @@ def write_original_layout(hf_directory: Path, directory: Path) -> Path:
                   hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
                   swiglu_limit=hf["swiglu_limit"], head_dim=hf["head_dim"],
                   num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf["num_key_value_heads"],
-                  sliding_window=hf["sliding_window"], initial_context_length=4096, rope_theta=hf["rope_theta"],
-                  rope_scaling_factor=32.0, rope_ntk_alpha=1.0, rope_ntk_beta=32.0)  # fmt: skip
+                  sliding_window=hf["sliding_window"], rope_theta=rope["rope_theta"],
+                  initial_context_length=rope["original_max_position_embeddings"], rope_scaling_factor=rope["factor"],
+                  rope_ntk_alpha=rope["beta_slow"], rope_ntk_beta=rope["beta_fast"])  # fmt: skip
     with atomic_directory(directory) as tmp:
         (tmp / "original").mkdir()
         save_file({name: t.contiguous() for name, t in out.items()}, str(tmp / "original" / "model.safetensors"))

@@ -8,8 +8,9 @@ most d / 2), then sum integer products exactly. So each output y[t, o] may diffe
   + (G + 8) * 2^-24 * sum over b of |block term b|                        (float32 sums of G block terms)
   + (G + 8) * 2^-149                                                      (float32 underflow, for tiny scales)
 
-which `rounding_bound` computes; nothing in it is fitted to the kernel's results. The weights' dequantization is
-exact (bit for bit against ossgpt.kernels.mxfp4.dequantize, itself checked against transformers in test_mxfp4).
+which `rounding_bound` computes; nothing in it is fitted to the kernel's results. The reference weights come from
+ossgpt.kernels.mxfp4.dequantize (checked against transformers in test_mxfp4) or, where float32 overflows, from the
+format's definition in float64 (`dequantize64`).
 """
 
 import pytest
@@ -107,14 +108,6 @@ def test_mxfp4_linear_no_rows_and_bad_shapes():
         kernels.mxfp4_linear(torch.randn(2, 32), blocks, scales, None)
     with pytest.raises(RuntimeError, match="contiguous uint8"):
         kernels.mxfp4_linear(torch.randn(2, 64), blocks.transpose(0, 1), scales, None)
-
-
-@needs_native
-def test_mxfp4_dequantize_is_exact():
-    g = torch.Generator().manual_seed(1)
-    blocks, scales = random_mxfp4(33, 96, g, exponents=(0, 256))
-    scales[0, 0], scales[0, 1] = 0x00, 0xFE
-    assert torch.equal(kernels.mxfp4_dequantize(blocks, scales), dequantize(blocks, scales))
 
 
 @needs_native

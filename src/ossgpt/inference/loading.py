@@ -49,7 +49,7 @@ def quantize(model, mode: str | None, copy: bool = True, dtype: torch.dtype | No
     converts `model` itself; dtype: of the weights left in float (the embedding table keeps its own)."""
     if mode in (None, "none"):
         return model
-    if mode not in QUANTIZE_MODES[2:]:
+    if mode not in ("int8", "int8-dynamic"):
         raise UserError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
     if model.device.type != "cpu":  # the int8 kernels are CPU ones; elsewhere every call would dequantize
         raise UserError(f"--quantize is for decoding on the CPU, not {model.device.type} (its int8 kernels are "

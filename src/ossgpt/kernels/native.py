@@ -43,11 +43,16 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def pick_instruction_set(flags: set[str], requested: str | None = None) -> str:
-    """The best entry of INSTRUCTION_SETS whose flags are all in `flags` (no better than `requested`)."""
+def instruction_sets(flags: set[str], requested: str | None = None) -> list[str]:
+    """The entries of INSTRUCTION_SETS whose flags are all in `flags`, best first (none better than `requested`)."""
     names = list(INSTRUCTION_SETS)
     start = names.index(requested) if requested in names else 0
-    return next(name for name in names[start:] if set(INSTRUCTION_SETS[name][0]) <= flags)
+    return [name for name in names[start:] if set(INSTRUCTION_SETS[name][0]) <= flags]
+
+
+def pick_instruction_set(flags: set[str], requested: str | None = None) -> str:
+    """The best entry of INSTRUCTION_SETS whose flags are all in `flags` (no better than `requested`)."""
+    return instruction_sets(flags, requested)[0]
 
 
 @functools.cache
@@ -62,10 +67,8 @@ def native():
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _notice(f"native CPU kernels are built for Linux x86-64 only, not {platform.system()} {platform.machine()}")
         return None
-    names = list(INSTRUCTION_SETS)
-    first = names.index(pick_instruction_set(cpu_flags(), setting or None))
     reason = ""
-    for name in [n for n in names[first:] if set(INSTRUCTION_SETS[n][0]) <= cpu_flags()]:
+    for name in instruction_sets(cpu_flags(), setting or None):
         try:
             return _build(name)
         except Exception as err:  # noqa: BLE001 (a compiler, ninja or linker failure: the message says which)

@@ -80,7 +80,7 @@ constexpr bool wide(int64_t G) {
 #if defined(OSSGPT_AVX512)
   return G % 2 == 0;
 #else
-  return G < 0;  // never
+  return (void)G, false;
 #endif
 }
 
@@ -467,34 +467,6 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return run(w, x, O, bias);
 }
 
-// blocks [R, G, 16], scales [R, G] (uint8) -> float32 [R, G * 32]: the MXFP4 values, in their natural order.
-torch::Tensor mxfp4_dequantize(const torch::Tensor& blocks, const torch::Tensor& scales) {
-  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8 && blocks.dim() == 3 &&
-                  blocks.size(2) == QK / 2 && scales.dim() == 2 && blocks.size(0) == scales.size(0) &&
-                  blocks.size(1) == scales.size(1) && blocks.is_contiguous() && scales.is_contiguous(),
-              "blocks [R, G, 16] and scales [R, G] must be contiguous uint8 tensors");
-  const int64_t R = blocks.size(0), G = blocks.size(1);
-  auto out = torch::empty({R, G * QK}, torch::TensorOptions().dtype(torch::kFloat32));
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
-  const uint8_t* sp = scales.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  float value[16];
-  for (int c = 0; c < 16; ++c) value[c] = 0.5f * kFP4Doubled[c];
-  value[8] = -0.f;
-  at::parallel_for(0, R * G, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float s = std::ldexp(1.f, int(sp[i]) - 127);
-      const uint8_t* bytes = bp + i * (QK / 2);
-      float* o = op + i * QK;
-      for (int64_t j = 0; j < QK / 2; ++j) {
-        o[2 * j] = value[bytes[j] & 0x0F] * s;
-        o[2 * j + 1] = value[bytes[j] >> 4] * s;
-      }
-    }
-  });
-  return out;
-}
-
 std::string instruction_set() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512-vnni";
@@ -513,6 +485,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "x [n, K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [n, O] f32");
   m.def("mxfp4_experts", &mxfp4_experts, "one token through its k MXFP4 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row scales) -> [n, O] f32");
-  m.def("mxfp4_dequantize", &mxfp4_dequantize, "MXFP4 blocks [R, G, 16] + scales [R, G] -> f32 [R, G * 32]");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
 }
