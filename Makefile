@@ -9,12 +9,14 @@ RUN ?= runs/demo
 MINUTES ?= 4
 export PIP_ROOT_USER_ACTION ?= ignore
 export TIKTOKEN_CACHE_DIR ?= $(if $(wildcard $(SHARED)/tokenizers/tiktoken_cache),$(SHARED)/tokenizers/tiktoken_cache)
+# openai-harmony (the tests' Harmony oracle) reads its vocabulary files from here.
+export TIKTOKEN_ENCODINGS_BASE ?= $(if $(wildcard $(SHARED)/tokenizers),$(SHARED)/tokenizers)
 
 .PHONY: install demo test test-fast lint bench clean
 
 install:  ## torch first (the CPU wheel; an unpinned torch pulls gigabytes of CUDA), then this checkout + dev tools
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import tiktoken, safetensors, numpy, tqdm, matplotlib, ninja, pytest, hypothesis, transformers, ruff" 2>/dev/null \
+	@$(PYTHON) -c "import tiktoken, safetensors, numpy, tqdm, matplotlib, ninja, pytest, hypothesis, transformers, ruff, fastapi, uvicorn, openai_harmony, openai, httpx, selenium" 2>/dev/null \
 		|| $(PYTHON) -m pip install -q -e ".[dev]"
 	@# Point the `ossgpt` package at this checkout; offline too (no build isolation: setuptools is already here).
 	@$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .

@@ -9,6 +9,7 @@ memory-bandwidth bound and (optionally) llama.cpp run side by side.
     python bench/gpt_oss_20b.py --parts                 # where a decoded token's time goes
     python bench/gpt_oss_20b.py --layers 2 --accuracy   # the int8 path's logits against float32
     python bench/gpt_oss_20b.py --memory-table          # weights and KV cache of gpt-oss-20b and -120b, on paper
+    python bench/gpt_oss_20b.py --lora                  # LoRA fine-tuning steps (`ossgpt sft`), experts kept packed
 
 The published weights cannot be downloaded here, so the benchmark writes (once, cached under --cache) a random
 checkpoint with gpt-oss-20b's exact shapes in the published Hugging Face layout: config.json with the MXFP4
@@ -267,6 +268,59 @@ def measure_llama(args) -> dict:
     return dict(prefill_tps=rate["pp"], decode_tps=rate["tg"], peak_rss=rss, build=build)
 
 
+def sft_data(path: Path, conversations: int = 400) -> Path:
+    """A JSONL file of short arithmetic conversations (user question; assistant reasoning and answer): what the
+    packed training windows hold does not change the cost of a step, only their length does."""
+    if not path.exists():
+        rows = []
+        for i in range(conversations):
+            a, b = 10 + (7 * i) % 90, 10 + (13 * i) % 90
+            rows.append({"messages": [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "thinking": f"Add the tens, then the ones: {a} + {b} = {a + b}.",
+                 "content": str(a + b)},
+            ]})  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def measure_lora(args, directory: Path) -> dict:
+    """LoRA fine-tuning through `ossgpt sft` in its own process (rank 8 on attention and every expert, experts kept
+    packed in MXFP4, activations recomputed): peak RSS and the seconds the last of --lora-steps steps took per 1k
+    tokens (the first steps include warming up)."""
+    run = args.cache / f"sft-bench-{args.layers}L"
+    command = [sys.executable, "-m", "ossgpt", "sft", "--checkpoint", str(directory),
+               "--data", str(sft_data(args.cache / "sft-bench.jsonl")), "--out", str(run), "--force",
+               "--max-steps", str(args.lora_steps), "--batch-size", "1", "--seq-len", str(args.lora_tokens),
+               "--eval-every", "1000000", "--save-every", "1000000", "--gradient-checkpointing"]  # fmt: skip
+    _, rss = run_child(command)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in rows if "tokens_per_sec" in row][-1]
+    return dict(peak_rss=rss, seconds_per_1k=1000 / last["tokens_per_sec"], tokens=args.lora_tokens)
+
+
+def lora_memory_table() -> str:
+    """What LoRA fine-tuning (rank 8 on attention and every expert) holds besides activations, on paper: the frozen
+    base (MXFP4 experts, bfloat16 elsewhere) and the adapters in float32 with their gradient and two AdamW moments
+    (16 bytes per adapter parameter)."""
+    from ossgpt.inference.memory import MemoryPlan
+
+    rank = 8
+    lines = ["| model | frozen base (MXFP4 experts, bf16 rest) | adapters (rank 8) | adapters + grads + AdamW |",
+             "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name in ("gpt-oss-20b", "gpt-oss-120b"):
+        c = GPTOSSConfig.from_preset(name)
+        H, I, E, D = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim  # noqa: E741
+        q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+        attention = rank * ((H + q) + 2 * (H + kv) + (q + H))
+        experts = E * rank * ((H + 2 * I) + (I + H))
+        adapters = c.num_hidden_layers * (attention + experts)
+        base = MemoryPlan.of(c, torch.bfloat16, True, None).steady
+        lines.append(f"| {name} | {base / 1e9:.1f} GB | {adapters / 1e6:.0f}M | {16 * adapters / 1e9:.1f} GB |")
+    return "\n".join(lines) + "\n\n(plus activations: with recomputation, about one layer's for the window)"
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())  # fmt: skip
@@ -436,12 +490,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", action="store_true", help="time the native products alone and stop")
     parser.add_argument("--parts", action="store_true", help="time each part of a decoded token and stop")
     parser.add_argument("--accuracy", action="store_true", help="the CPU default's logits against float32, then stop")
+    parser.add_argument("--lora", action="store_true", help="time LoRA fine-tuning steps (ossgpt sft) and stop")
+    parser.add_argument("--lora-tokens", type=int, default=1024, help="with --lora: tokens per step (default: 1024)")
+    parser.add_argument("--lora-steps", type=int, default=2, help="with --lora: steps; the last one is timed")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt_tokens, args.new_tokens = 32, 8
     if args.memory_table:
         print(memory_table())
+        print("\nLoRA fine-tuning, on paper:\n")
+        print(lora_memory_table())
         return
     if args.kernels:
         print(f"CPU: {machine()}; float32 GEMV bandwidth {gemv_bandwidth(args.threads) / 1e9:.1f} GB/s\n")
@@ -464,6 +523,14 @@ def main(argv: list[str] | None = None) -> None:
         for path, cost in accuracy_cost(directory, args.threads).items():
             print(f"| {path} | {cost['max_error_over_range']:.3f} | {cost['mean_kl']:.2g} | "
                   f"{100 * cost['top1_agreement']:.0f}% |")  # fmt: skip
+        return
+    if args.lora:
+        result = measure_lora(args, directory)
+        print(f"CPU: {machine()}; {args.layers} layers; `ossgpt sft`, LoRA rank 8 on attention and every expert, "
+              f"experts packed in MXFP4, float32 compute, activations recomputed; batch 1 x {args.lora_tokens} "
+              "tokens\n")  # fmt: skip
+        print("| peak RSS (GB) | seconds per 1k tokens |\n| ---: | ---: |")
+        print(f"| {result['peak_rss'] / 1e9:.1f} | {result['seconds_per_1k']:.0f} |")
         return
     if args.parts:
         print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers\n")

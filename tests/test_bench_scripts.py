@@ -79,7 +79,26 @@ def test_step_parts_script():
 
 
 def test_gpt_oss_20b_memory_table():
-    """The paper table of bench/gpt_oss_20b.py (its measuring runs need a 13.8 GB checkpoint: BENCHMARKS.md)."""
+    """The paper tables of bench/gpt_oss_20b.py (its measuring runs need a 13.8 GB checkpoint: BENCHMARKS.md): decoding
+    (weights, KV cache, total) and LoRA fine-tuning (frozen base, adapters' training state)."""
     out = run_script("gpt_oss_20b.py", "--memory-table")
-    rows = [line for line in out.splitlines() if line.startswith("| gpt-oss")]
+    decoding, lora = out.split("LoRA fine-tuning")
+    rows = [line for line in decoding.splitlines() if line.startswith("| gpt-oss")]
     assert len(rows) == 6 and all(line.count("GB") == 2 for line in rows)
+    rows = [line for line in lora.splitlines() if line.startswith("| gpt-oss")]
+    assert len(rows) == 2 and all(line.count("GB") == 2 for line in rows)
+
+
+@pytest.mark.slow
+def test_serve_script(tmp_path):
+    """bench/serve.py --quick: `ossgpt serve` on tiny shapes in a subprocess, 1 to 16 streaming clients beside
+    generate_batch, the table and the JSON (slow: two processes load torch and a model; ~20 CPU-seconds)."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'ossgpt[serve]')")
+    out = run_script("serve.py", "--quick", "--json", tmp_path / "serve.json")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny")]
+    assert [row[2].strip() for row in rows[:5]] == ["generate_batch, batch 8", "1", "4", "8", "16"]
+    assert rows[5][2].strip().endswith(("ok", "MISSED")) and len(rows) == 6
+    tiny = json.loads((tmp_path / "serve.json").read_text())["shapes"]["tiny"]
+    assert [level["requests"] for level in tiny["levels"].values()] == [1, 4, 8, 16]
+    assert all(level["tokens_per_s"] > 0 and level["ttft_p99_s"] >= level["ttft_p50_s"] > 0
+               for level in tiny["levels"].values())  # fmt: skip

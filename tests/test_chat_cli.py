@@ -5,7 +5,6 @@ A random model writes random tokens, so most tests script the sampled tokens ins
 pins down what is shown, what is hidden, and exactly which tokens the KV cache holds after each turn.
 """
 
-import base64
 import datetime
 import io
 import subprocess
@@ -20,16 +19,6 @@ from ossgpt.chat.harmony import Harmony, Message, developer_content, system_cont
 from ossgpt.cli import main
 from ossgpt.inference.sampling import Sampler
 from ossgpt.tokenizer import ByteTokenizer, HarmonyTokenizer
-
-
-@pytest.fixture(scope="module")
-def vocab_file(tmp_path_factory):
-    ranks = {bytes([b]): b for b in range(256)}
-    for token in (b"he", b"ll", b"hell", b"hello"):
-        ranks[token] = len(ranks)
-    path = tmp_path_factory.mktemp("vocab") / "fake_o200k_base.tiktoken"
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
-    return path
 
 
 def tiny_model(**overrides) -> GPTOSSForCausalLM:
@@ -49,8 +38,8 @@ def harmony_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def harmony(vocab_file):
-    return Harmony(HarmonyTokenizer("o200k_harmony", vocab_file=vocab_file))
+def harmony(fake_vocab):
+    return Harmony(HarmonyTokenizer("o200k_harmony", vocab_file=fake_vocab))
 
 
 @pytest.fixture
@@ -101,10 +90,10 @@ def system_message():
 
 
 # ------------------------------------------------------------------------------------------------------ Harmony
-def test_random_model_end_to_end_in_a_subprocess(harmony_checkpoint, vocab_file):
+def test_random_model_end_to_end_in_a_subprocess(harmony_checkpoint, fake_vocab):
     result = subprocess.run(
         [sys.executable, "-m", "ossgpt", "chat", "--checkpoint", str(harmony_checkpoint), "--vocab-file",
-         str(vocab_file), "--max-new-tokens", "8", "--seed", "0"],
+         str(fake_vocab), "--max-new-tokens", "8", "--seed", "0"],
         input="Hello there\nAnd now?\n", capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -114,13 +103,13 @@ def test_random_model_end_to_end_in_a_subprocess(harmony_checkpoint, vocab_file)
 
 @pytest.mark.parametrize("show", [False, True])
 def test_reasoning_hidden_or_shown_and_cache_kept_across_turns(
-    harmony_checkpoint, vocab_file, harmony, sessions, monkeypatch, capsys, show
+    harmony_checkpoint, fake_vocab, harmony, sessions, monkeypatch, capsys, show
 ):
     turn1 = ("<|channel|>analysis<|message|>secret thoughts<|end|><|start|>assistant<|channel|>final<|message|>"
              "hello world<|return|>")  # fmt: skip
     turn2 = "<|channel|>final<|message|>bye<|return|>"
     script(monkeypatch, special(harmony, turn1) + special(harmony, turn2))
-    argv = ["--checkpoint", str(harmony_checkpoint), "--vocab-file", str(vocab_file), "--system", "Be nice."]
+    argv = ["--checkpoint", str(harmony_checkpoint), "--vocab-file", str(fake_vocab), "--system", "Be nice."]
     code, out, err = chat(monkeypatch, capsys, argv + ["--show-reasoning"] * show, "Hi\nAgain\n")
     assert code == 0
     reply1 = "[reasoning] secret thoughts\nhello world" if show else "hello world"
@@ -142,11 +131,11 @@ def test_reasoning_hidden_or_shown_and_cache_kept_across_turns(
 
 
 def test_ctrl_c_stops_a_reply_and_the_next_turn_continues(
-    harmony_checkpoint, vocab_file, harmony, sessions, monkeypatch, capsys
+    harmony_checkpoint, fake_vocab, harmony, sessions, monkeypatch, capsys
 ):
     turn1 = special(harmony, "<|channel|>final<|message|>partial")
     script(monkeypatch, [*turn1, KeyboardInterrupt(), *special(harmony, "<|channel|>final<|message|>ok<|return|>")])
-    argv = ["--checkpoint", str(harmony_checkpoint), "--vocab-file", str(vocab_file)]
+    argv = ["--checkpoint", str(harmony_checkpoint), "--vocab-file", str(fake_vocab)]
     code, out, _ = chat(monkeypatch, capsys, argv, "first\nsecond\n")
     assert code == 0
     assert out == ">>> partial\n[interrupted]\n>>> ok\n>>> \n"
@@ -155,16 +144,16 @@ def test_ctrl_c_stops_a_reply_and_the_next_turn_continues(
     assert sessions[0].tokens == harmony.render_conversation(conversation)[:-1]  # the cut message was closed
 
 
-def test_ctrl_c_or_ctrl_d_at_the_prompt_quits(harmony_checkpoint, vocab_file, monkeypatch, capsys):
+def test_ctrl_c_or_ctrl_d_at_the_prompt_quits(harmony_checkpoint, fake_vocab, monkeypatch, capsys):
     def interrupt(prompt):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
         patched.setattr("builtins.input", interrupt)
-        assert main(["chat", "--checkpoint", str(harmony_checkpoint), "--vocab-file", str(vocab_file)]) == 0
+        assert main(["chat", "--checkpoint", str(harmony_checkpoint), "--vocab-file", str(fake_vocab)]) == 0
     assert capsys.readouterr().out == "\n"
     code, out, _ = chat(monkeypatch, capsys, ["--checkpoint", str(harmony_checkpoint), "--vocab-file",
-                                              str(vocab_file)], "")  # fmt: skip
+                                              str(fake_vocab)], "")  # fmt: skip
     assert code == 0 and out == ">>> \n"
 
 
@@ -216,7 +205,7 @@ def test_errors_are_one_line(bytes_checkpoint, monkeypatch, capsys, argv, messag
 
 
 # ------------------------------------------------------------------------------- gpt-oss's published layout
-def test_chat_on_a_published_mxfp4_checkpoint_takes_the_cpu_fast_path(vocab_file, harmony, tmp_path, monkeypatch,
+def test_chat_on_a_published_mxfp4_checkpoint_takes_the_cpu_fast_path(fake_vocab, harmony, tmp_path, monkeypatch,
                                                                        capsys):  # fmt: skip
     """The published layout (MXFP4 experts, bf16 elsewhere) with no flag: experts stay packed, attention and the
     LM head int8, said in one line before the chat starts; the reply is the scripted one."""
@@ -228,7 +217,7 @@ def test_chat_on_a_published_mxfp4_checkpoint_takes_the_cpu_fast_path(vocab_file
     config = {**config_to_hf(model.config), "quantization_config": MXFP4_QUANTIZATION_CONFIG}
     write_published_mxfp4(model, tmp_path, config)
     script(monkeypatch, special(harmony, "<|channel|>final<|message|>hello<|return|>"))
-    code, out, err = chat(monkeypatch, capsys, ["--checkpoint", str(tmp_path), "--vocab-file", str(vocab_file)], "hi\n")
+    code, out, err = chat(monkeypatch, capsys, ["--checkpoint", str(tmp_path), "--vocab-file", str(fake_vocab)], "hi\n")
     assert code == 0 and out == ">>> hello\n>>> \n"
     loaded = err.splitlines()[0]
     assert loaded.startswith("loaded in ") and "experts MXFP4" in loaded and "LM head and attention int8" in loaded

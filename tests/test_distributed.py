@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from ossgpt.cli import main
-from test_training import TINY, make_data, one_thread, read_metrics  # noqa: F401 - one_thread is an autouse fixture
+from test_training import TINY, make_data, read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FLAGS = [*TINY, "--max-steps", "3", "--grad-accum-steps", "2", "--log-every", "1", "--eval-every", "3"]
 

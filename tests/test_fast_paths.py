@@ -70,6 +70,26 @@ def test_chunked_cross_entropy_matches_reference(chunk):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "input"])
+def test_chunked_cross_entropy_forms_only_the_gradients_asked_for(frozen):
+    """A frozen LM head (LoRA) gets no [V, H] gradient formed or kept; the other gradient is unchanged."""
+    torch.manual_seed(0)
+    x, w = torch.randn(9, 8), torch.randn(13, 8)
+    labels = torch.randint(0, 13, (9,))
+    (x if frozen == "input" else w).requires_grad_(False)
+    trained = w if frozen == "input" else x
+    trained.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = linear_cross_entropy(x, w, labels, chunk_size=4)
+    assert all(t.shape != (x if frozen == "input" else w).shape for t in saved if t is not None)
+    (grad,) = torch.autograd.grad(loss * 0.5, trained)
+    reference = trained.detach().clone().requires_grad_(True)
+    args = (x, reference) if frozen == "input" else (reference, w)
+    (expected,) = torch.autograd.grad(plain_linear_cross_entropy(*args, labels) * 0.5, reference)
+    assert_close(grad, expected)
+
+
 def test_chunked_cross_entropy_without_grad_and_all_ignored():
     x, w = torch.randn(6, 8), torch.randn(11, 8)
     labels = torch.randint(0, 11, (6,))

@@ -7,7 +7,6 @@ downloaded here): the special tokens keep their real ids, and each text piece is
 sequences equal the tokenization of the expected strings.
 """
 
-import base64
 import os
 from pathlib import Path
 
@@ -26,19 +25,8 @@ from ossgpt.tokenizer import ByteTokenizer, HarmonyTokenizer
 
 
 @pytest.fixture(scope="module")
-def fake_o200k_file(tmp_path_factory) -> Path:
-    """256 single bytes plus a few merges: a ranks file standing in for o200k_base."""
-    ranks = {bytes([b]): b for b in range(256)}
-    for token in (b"he", b"ll", b"hell", b"hello", b"th", b"the"):
-        ranks[token] = len(ranks)
-    path = tmp_path_factory.mktemp("vocab") / "fake_o200k_base.tiktoken"
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def harmony(fake_o200k_file) -> Harmony:
-    return Harmony(HarmonyTokenizer("o200k_harmony", vocab_file=fake_o200k_file))
+def harmony(fake_vocab) -> Harmony:
+    return Harmony(HarmonyTokenizer("o200k_harmony", vocab_file=fake_vocab))
 
 
 def assert_renders(harmony: Harmony, tokens: list[int], expected: str) -> None:
@@ -384,7 +372,7 @@ def test_tokenizers_without_harmony_tokens():
 
 
 # -------------------------------------------------------------------------------------- openai-harmony itself
-def test_matches_openai_harmony(fake_o200k_file):
+def test_matches_openai_harmony(fake_vocab):
     """Token-for-token comparison with OpenAI's renderer, where it can run: it needs the real o200k_base.tiktoken
     (hash-checked, so no stand-in), from TIKTOKEN_ENCODINGS_BASE or its download."""
     oh = pytest.importorskip("openai_harmony", reason="openai-harmony is not installed (pip install openai-harmony)")

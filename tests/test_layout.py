@@ -2,9 +2,12 @@
 
     kernels     the speed: functions of tensors, importing nothing from ossgpt
     model       what GPT-OSS computes (imports kernels, config, options only)
-    quant       model transforms, applied from outside
+    quant, lora model transforms, applied from outside (quantized weights; low-rank adapters)
     checkpoint  loading and saving
-    inference, eval, chat, training
+    inference, eval
+    chat        Harmony and OpenAI-format conversations, chat sessions
+    training    pretraining and supervised fine-tuning (SFT conversations rendered by chat)
+    serve       the OpenAI-compatible HTTP server (inference + chat)
     api         GPTOSSForCausalLM: the model with loading, saving and generation as methods
     cli         the command line
 
@@ -23,10 +26,12 @@ LAYERS = [
     {"errors", "atomic", "presets", "options"},
     {"config", "devices", "tokenizer", "kernels"},
     {"model", "data"},
-    {"quant"},
+    {"quant", "lora"},
     {"checkpoint"},
     {"inference", "eval"},
-    {"chat", "training"},
+    {"chat"},
+    {"training"},
+    {"serve"},
     {"api"},
     {"cli"},
     {"__main__", "__init__"},  # `python -m ossgpt`, and the package's public names

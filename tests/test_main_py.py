@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from ossgpt.inference.loading import load_model_and_tokenizer
-from test_training import WORDS, one_thread  # noqa: F401 - one_thread is an autouse fixture
+from test_training import WORDS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CL100K_CACHE = ROOT.parent / "shared" / "tokenizers" / "tiktoken_cache"

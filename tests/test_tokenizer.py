@@ -11,9 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ossgpt.chat.harmony import SPECIAL_TOKENS, Harmony, Message
 from ossgpt.errors import UserError
 from ossgpt.tokenizer import (
     EOT,
+    HARMONY_CHAT_TOKENS,
+    HARMONY_SPECIAL_TOKENS,
     ByteTokenizer,
     CompactTokenizer,
     HarmonyTokenizer,
@@ -48,12 +51,14 @@ def fake_o200k_file(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """An empty tiktoken cache and no network: any connection attempt fails at once."""
+    """An empty tiktoken cache, no local folder of ranks files (which tiktoken reads from TIKTOKEN_ENCODINGS_BASE
+    when set) and no network: any connection attempt fails at once."""
 
     def refuse(*args, **kwargs):
         raise OSError("network disabled by the test")
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
@@ -193,7 +198,7 @@ def compact() -> CompactTokenizer:
 def test_compact_vocabulary_layout(compact):
     base = compact.base
     assert compact.spec == "cl100k_base:8"
-    assert compact.vocab_size == 257 + 8 and compact.eot_token_id == 256
+    assert compact.vocab_size == 257 + 8 + 7 and compact.eot_token_id == 256
     assert base.decode([compact.kept_token_ids[0]]) == " the"  # the most frequent multi-byte token
     assert all(len(base.decode_bytes([t])) > 1 for t in compact.kept_token_ids)
     assert compact.encode(" the cat") == [257, *compact.encode(" cat")]
@@ -204,7 +209,30 @@ def test_compact_vocabulary_layout(compact):
 def test_compact_vocabulary_smaller_than_asked():
     tokenizer = CompactTokenizer.fit("cl100k_base", {15339: 3, 1917: 5, 64: 9}, 100, vocab_file=CL100K_FILE)
     assert tokenizer.kept_token_ids == [1917, 15339]  # by count; the single byte "a" (64) is never kept
-    assert tokenizer.vocab_size == 259
+    assert tokenizer.vocab_size == 259 + 7
+    assert tokenizer.special_tokens["<|start|>"] == 259 + 3  # the chat tokens follow the kept tokens directly
+
+
+def test_compact_vocabulary_has_the_harmony_chat_tokens(compact):
+    """After the kept tokens, in o200k_harmony's order: a compact model can learn the Harmony format."""
+    assert set(HARMONY_CHAT_TOKENS) == set(SPECIAL_TOKENS)
+    ids = [compact.special_tokens[t] for t in HARMONY_CHAT_TOKENS]
+    assert ids == list(range(257 + 8, 257 + 8 + 7)) and compact.special_tokens[EOT] == 256
+    assert list(HARMONY_CHAT_TOKENS) == sorted(HARMONY_CHAT_TOKENS, key=HARMONY_SPECIAL_TOKENS.get)
+    assert [compact.decode([i]) for i in ids] == list(HARMONY_CHAT_TOKENS)
+    # Their text in ordinary input stays ordinary text; only allowed_special makes them control tokens.
+    text = "<|start|>user<|message|>hi<|end|>"
+    assert not set(compact.encode(text)) & set(ids)
+    start, end, message = (compact.special_tokens[t] for t in ("<|start|>", "<|end|>", "<|message|>"))
+    user, hi = compact.encode("user"), compact.encode("hi")
+    assert compact.encode(text, allowed_special="all") == [start, *user, message, *hi, end]
+    harmony = Harmony(compact)
+    tokens = harmony.render_conversation([Message("user", "What is 2+2?"), Message("assistant", "4", "final")])
+    assert compact.decode(tokens) == (
+        "<|start|>user<|message|>What is 2+2?<|end|><|start|>assistant<|channel|>final<|message|>4<|end|>"
+    )
+    reply = compact.encode("<|channel|>final<|message|>4<|return|>", allowed_special="all")
+    assert harmony.parse(reply) == [Message("assistant", "4", channel="final")]
 
 
 @settings(max_examples=100, deadline=None)
@@ -220,9 +248,22 @@ def test_compact_save_load(compact, tmp_path):
     assert isinstance(loaded, CompactTokenizer)
     assert loaded.kept_token_ids == compact.kept_token_ids
     assert loaded.encode(SAMPLE) == compact.encode(SAMPLE)
+    assert loaded.special_tokens == compact.special_tokens and loaded.vocab_size == compact.vocab_size
     assert load_tokenizer(None, tmp_path, vocab_file=CL100K_FILE).spec == "cl100k_base:8"
     with pytest.raises(UserError, match="prepared with tokenizer cl100k_base:8, not cl100k_base:16"):
         load_tokenizer("cl100k_base:16", tmp_path)
+
+
+@needs_cl100k
+def test_compact_tokenizer_saved_before_the_chat_tokens_loads_with_its_ids(tmp_path):
+    """A tokenizer.json written before compact vocabularies had the chat tokens (the file format is unchanged):
+    every id it had means what it meant, and the chat tokens come after them."""
+    (tmp_path / "tokenizer.json").write_text(
+        '{"spec": "cl100k_base:2", "base_encoding": "cl100k_base", "kept_token_ids": [1917, 15339]}\n'
+    )
+    tokenizer = load_tokenizer("cl100k_base:2", tmp_path, vocab_file=CL100K_FILE)
+    assert tokenizer.encode("hello world!" + EOT, allowed_special="all") == [258, 257, 33, 256]
+    assert tokenizer.special_tokens["<|return|>"] == 259 and tokenizer.vocab_size == 266
 
 
 # --- specs and the factory ---------------------------------------------------------------------------------------

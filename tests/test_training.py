@@ -28,6 +28,8 @@ from ossgpt.training.config import model_config_for, parse_model_overrides
 from ossgpt.training.data import TrainBatches, open_split, validation_batches
 from ossgpt.training.optim import build_optimizer, decays, lr_at, param_groups, set_lr
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A model small enough that a step takes milliseconds, on byte-tokenized data (`make_data`). No load-balancing
 # loss: it is computed per batch, so it differs between one process's batch and the halves two processes see
 # (tests compare those runs exactly).
@@ -38,15 +40,6 @@ TINY = [
     "--model-override", "head_dim=16", "--model-override", "router_aux_loss_coef=0",
 ]  # fmt: skip
 WORDS = "the a of to and in that it was he for on are with as his they at be this from or had by".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a busy 2-core machine a second OpenMP thread makes these tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_data(path, train_tokens: int = 20_000, val_tokens: int = 3_000, seed: int = 0):

@@ -16,7 +16,9 @@ from ossgpt.checkpoint import from_pretrained
 from ossgpt.cli import main
 from ossgpt.training import data as training_data
 from ossgpt.training.checkpoint import PAUSE_ENV
-from test_training import TINY, make_data, one_thread, read_metrics  # noqa: F401 - one_thread is an autouse fixture
+from test_training import TINY, make_data, read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Gradient accumulation, the load-balancing loss and router jitter (which draws from torch's RNG) all on.
 RESUMABLE = [*TINY, "--grad-accum-steps", "2", "--log-every", "1", "--model-override", "router_aux_loss_coef=0.01",

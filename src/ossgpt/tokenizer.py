@@ -4,8 +4,8 @@
                     own: o200k_base plus the harmony chat-format special tokens, vocabulary 201,088)
   ByteTokenizer     raw UTF-8 bytes (ids 0..255) plus <|endoftext|> = 256
   CompactTokenizer  bytes + <|endoftext|> + the K most frequent multi-byte tokens of a tiktoken encoding in a
-                    training corpus: lossless like the base, but with a vocabulary small enough that the LM head
-                    does not dominate a small model's compute
+                    training corpus + Harmony's chat tokens: lossless like the base, but with a vocabulary small
+                    enough that the LM head does not dominate a small model's compute
 
 `TextStream` turns tokens that arrive one at a time (generation) into text, character by character.
 
@@ -59,6 +59,9 @@ HARMONY_SPECIAL_TOKENS: dict[str, int] = {
     "<|reserved_200011|>": 200011,
     "<|call|>": 200012,
 } | {f"<|reserved_{i}|>": i for i in range(200013, 201088)}
+# The ones the Harmony chat format writes (ossgpt.chat.harmony), in o200k_harmony's order: what a compact
+# tokenizer adds so that small models can be trained to chat.
+HARMONY_CHAT_TOKENS = ("<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,9 +317,12 @@ class ByteTokenizer(Tokenizer):
 
 
 class CompactTokenizer(ByteTokenizer):
-    """A small vocabulary derived from a tiktoken encoding: the byte tokenizer plus K kept multi-byte tokens.
+    """A small vocabulary derived from a tiktoken encoding: the byte tokenizer plus K kept multi-byte tokens, plus
+    the Harmony chat tokens.
 
-    Ids: 0..255 bytes, 256 <|endoftext|>, 257.. the kept base tokens (`kept_token_ids`, most frequent first).
+    Ids: 0..255 bytes, 256 <|endoftext|>, 257.. the kept base tokens (`kept_token_ids`, most frequent first), then
+    the 7 HARMONY_CHAT_TOKENS (<|return|> ... <|call|>). The chat tokens come last so that adding them left every
+    earlier id as it was: a tokenizer.json saved before they existed loads with the same ids for all its tokens.
     Text is encoded with the base encoding; each base token becomes its compact id if kept, else its bytes.
     Build one with `fit`; `save` and `load` round-trip it through tokenizer.json.
     """
@@ -332,10 +338,13 @@ class CompactTokenizer(ByteTokenizer):
             raise UserError(f"kept token {err} is not a token of {base.spec}; re-run `ossgpt prepare`") from err
         if len(set(kept_bytes)) != len(kept_bytes) or any(len(b) < 2 for b in kept_bytes):
             raise UserError(f"kept tokens of {self.spec} must be distinct multi-byte tokens; re-run `ossgpt prepare`")
-        self._token_bytes += kept_bytes
-        first = len(self._token_bytes) - len(kept_bytes)
+        first = len(self._token_bytes)
         # base id -> compact ids; filled lazily with byte expansions of the tokens that were not kept
         self._expansion = {t: [first + i] for i, t in enumerate(self.kept_token_ids)}
+        self._token_bytes += kept_bytes
+        for text in HARMONY_CHAT_TOKENS:
+            self.special_tokens[text] = len(self._token_bytes)
+            self._token_bytes.append(text.encode())
 
     @classmethod
     def fit(
@@ -348,7 +357,7 @@ class CompactTokenizer(ByteTokenizer):
         """Keep the `size` most frequent multi-byte base tokens (ties: lower base id first).
 
         texts_or_token_counts: training texts, or {base token id: count} already counted from them.
-        The vocabulary is smaller than 257 + size when the corpus has fewer distinct multi-byte tokens.
+        The vocabulary is 257 + size + 7 ids, fewer when the corpus has fewer distinct multi-byte tokens.
         """
         if size < 1:
             raise UserError(f"a compact vocabulary needs at least 1 kept token, got {size}")

@@ -100,7 +100,10 @@ def developer_content(instructions: str | None = None, tools: Sequence[FunctionT
 
 def typescript(schema: dict, indent: str = "") -> str:
     """A JSON schema as the TypeScript-like type the model was trained on (objects, strings with enums, numbers,
-    booleans, arrays, nullable, descriptions and defaults as comments; anything else is `any`)."""
+    booleans, arrays, nullable, oneOf unions one variant a line; titles, descriptions, examples and defaults as
+    comments; anything else is `any`), laid out as openai-harmony lays it out."""
+    if isinstance(schema.get("oneOf"), list):
+        return "".join(f"\n{indent} | {_variant(v, indent, True)}" for v in schema["oneOf"])
     kind = schema.get("type")
     if isinstance(kind, list):
         return " | ".join("number" if t == "integer" else t for t in kind)
@@ -109,22 +112,32 @@ def typescript(schema: dict, indent: str = "") -> str:
         out += "{\n"
         required = set(schema.get("required", ()))
         for key, value in schema.get("properties", {}).items():
-            if "description" in value:
+            name = key if key in required else f"{key}?"
+            variants = value.get("oneOf") if isinstance(value.get("oneOf"), list) else None
+            if "title" in value:
+                out += f"{indent}// {value['title']}\n{indent}//\n"
+            if "description" in value and variants is None:
                 out += f"{indent}// {value['description']}\n"
-            type_text = typescript(value, indent + "    ")
-            if value.get("nullable") and "null" not in type_text:
-                type_text += " | null"
-            out += f"{indent}{key}{'' if key in required else '?'}: {type_text},"
-            if "default" in value:
-                default = value["default"]
-                if isinstance(default, str):
-                    out += f" // default: {default}" if value.get("enum") else f' // default: "{default}"'
-                else:
-                    out += f" // default: {json.dumps(default)}"
-            out += "\n"
+            if value.get("examples"):
+                out += f"{indent}// Examples:\n"
+                out += "".join(f'{indent}// - "{e}"\n' for e in value["examples"] if isinstance(e, str))
+            if variants is not None:  # a union: one variant a line, openai-harmony's layout and rules
+                description = value.get("description")
+                above = description is not None and (not variants or variants[0].get("description") != description)
+                out += f"{indent}// {description}\n" if above else ""
+                out += f"{indent}// {_default(value)}\n" if "default" in value else ""
+                out += f"{indent}{name}:\n"
+                for i, variant in enumerate(variants):
+                    shown = not (i == 0 and above) and variant.get("description") != description
+                    out += f"{indent} | {_variant(variant, indent, shown)}\n"
+                out += f"{indent},\n"
+                continue
+            out += f"{indent}{name}: {_nullable(value, indent + '    ')},"
+            out += f" // {_default(value)}\n" if "default" in value else "\n"
         return out + f"{indent}}}"
     if kind == "string":
-        return " | ".join(f'"{v}"' for v in schema["enum"]) if schema.get("enum") else "string"
+        options = [f'"{v}"' for v in schema.get("enum") or () if isinstance(v, str)]
+        return " | ".join(options) if options else "string"
     if kind in ("number", "integer"):
         return "number"
     if kind == "boolean":
@@ -132,6 +145,25 @@ def typescript(schema: dict, indent: str = "") -> str:
     if kind == "array":
         return f"{typescript(schema['items'], indent)}[]" if "items" in schema else "Array<any>"
     return "any"
+
+
+def _nullable(schema: dict, indent: str) -> str:
+    text = typescript(schema, indent)
+    return text + " | null" if schema.get("nullable") and "null" not in text else text
+
+
+def _variant(variant: dict, indent: str, show_description: bool) -> str:
+    """One variant of a oneOf union, with its description (if shown) and default as a trailing comment."""
+    comments = [variant["description"]] if show_description and "description" in variant else []
+    comments += [_default(variant)] if "default" in variant else []
+    return _nullable(variant, indent + "   ") + (f" // {' '.join(comments)}" if comments else "")
+
+
+def _default(schema: dict) -> str:
+    default = schema["default"]
+    if isinstance(default, str):
+        return f"default: {default}" if schema.get("enum") else f'default: "{default}"'
+    return f"default: {json.dumps(default, separators=(',', ':'), ensure_ascii=False)}"  # as serde_json writes it
 
 
 # ----------------------------------------------------------------------------------------------- the format

@@ -6,7 +6,9 @@
       metrics.jsonl       METRICS: one JSON object per logged step and per evaluation
       loss.png            PLOT: training and validation loss against tokens seen
       checkpoint/         CHECKPOINT: the latest checkpoint, itself a model directory (config.json, weights,
-                          tokenizer.json) that every command loads, plus the optimizer and trainer state
+                          tokenizer.json) that every command loads, plus the optimizer and trainer state; for a
+                          LoRA fine-tune (`ossgpt sft`), the adapters and a reference to their base instead of the
+                          weights (ossgpt.checkpoint.adapted)
 
 Commands that take a checkpoint (`eval`, `generate`, `chat`, `train --init-from`) accept either a model directory
 or a run directory (`resolve_checkpoint`); beside a run's checkpoint they find the run's record (`run_record`):
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ossgpt.checkpoint.adapted import is_adapted
 from ossgpt.checkpoint.original import ORIGINAL_DIR
 from ossgpt.errors import UserError
 
@@ -34,11 +37,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory that `path` names: `path` itself if it has config.json, else `path`/checkpoint (a
-    training run), else `path`/original (a gpt-oss download holding only OpenAI's original layout)."""
+    """The model directory that `path` names: `path` itself if it has config.json (or adapters, see
+    ossgpt.checkpoint.adapted), else `path`/checkpoint (a training run), else `path`/original (a gpt-oss download
+    holding only OpenAI's original layout)."""
     path = Path(path)
     for directory in (path, checkpoint_dir(path), path / ORIGINAL_DIR):
-        if (directory / "config.json").is_file():
+        if (directory / "config.json").is_file() or is_adapted(directory):
             return directory
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a model directory or a training run directory")

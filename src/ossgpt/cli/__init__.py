@@ -17,9 +17,12 @@ from ossgpt.errors import UserError
 SUBCOMMANDS = {
     "prepare": "tokenize text files into train/val token shards",
     "train": "train a model (one process, or many under torchrun)",
+    "sft": "fine-tune a model on conversations (JSONL) to chat in the Harmony format: LoRA or every weight",
+    "merge": "fold a LoRA fine-tune's adapters into its base and write the model (ossgpt or Hugging Face)",
     "eval": "loss, perplexity and bits per byte of a checkpoint on text files",
     "generate": "continue a prompt with a trained checkpoint",
     "chat": "chat with a checkpoint in the terminal (Harmony format for gpt-oss models)",
+    "serve": "serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page",
     "convert": "rewrite a checkpoint (ossgpt, Hugging Face, MXFP4, OpenAI original) as ossgpt or Hugging Face",
 }
 

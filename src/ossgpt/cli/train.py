@@ -20,14 +20,24 @@ from ossgpt.training import TrainConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    add_config_arguments(parser, TrainConfig)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = (),
+                         presets: bool = True, required: bool = True) -> None:  # fmt: skip
+    """A flag per field of `config_class` (TrainConfig or a subclass) but `skip`'s; a flag not given is absent from
+    the namespace. presets: the help names each preset's default where it differs. required: argparse enforces the
+    fields marked required (False: the caller checks them)."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
         kind = hints[f.name]
         options = {
             "dest": f.name,
             "default": argparse.SUPPRESS,  # absent from the namespace: the preset's default applies
-            "help": f.metadata["help"] + _defaults_text(f),
-            "required": f.metadata.get("required", False),
+            "help": f.metadata["help"] + _defaults_text(f, presets),
+            "required": required and f.metadata.get("required", False),
         }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
@@ -39,12 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
-def _defaults_text(f: dataclasses.Field) -> str:
+def _defaults_text(f: dataclasses.Field, presets: bool) -> str:
     """The help's "(default: 0.0006; tiny: 0.006)": a scalar field's default, and each preset's that differs."""
-    if f.metadata.get("required") or f.default in (None, dataclasses.MISSING) or isinstance(f.default, bool):
+    if f.metadata.get("required") or f.default in (None, "", dataclasses.MISSING) or isinstance(f.default, bool):
         return ""
     per_preset = "".join(f"; {name}: {p.train[f.name]}" for name, p in PRESETS.items() if f.name in p.train)
-    return f" (default: {f.default}{per_preset})"
+    return f" (default: {f.default}{per_preset if presets else ''})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Loading a trained model and its tokenizer for inference (`ossgpt eval`, `ossgpt generate`).
 
 A checkpoint path may name a model directory (config.json + weights, ossgpt's, Hugging Face's or OpenAI's
-original layout) or a training run directory (see ossgpt.checkpoint.run_dir).
+original layout) or a training run directory (see ossgpt.checkpoint.run_dir). A LoRA fine-tune's checkpoint
+(ossgpt.checkpoint.adapted) loads as its base with the adapters folded in, or, on a base whose experts stay packed,
+beside them (folding would dequantize the experts): decoding then runs the adapters' thin products too, without int8.
 
 Context extension (`context_extension`): config overrides that set YaRN for F times the length a run trained on,
 used at load time by `ossgpt eval` and as the starting point of a long-context fine-tune by `ossgpt train`.
@@ -23,12 +25,14 @@ from pathlib import Path
 import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
+from ossgpt.checkpoint.adapted import adapted_base, is_adapted, load_adapted
 from ossgpt.checkpoint.pretrained import detect_format
 from ossgpt.checkpoint.run_dir import resolve_checkpoint, run_record
 from ossgpt.devices import resolve_device
 from ossgpt.errors import UserError
 from ossgpt.inference.memory import MemoryPlan, check_memory
 from ossgpt.kernels.native import native
+from ossgpt.lora import merge_lora
 from ossgpt.quant.int8 import Int8Linear, quantize_for_decoding
 from ossgpt.quant.mxfp4 import has_mxfp4_experts
 from ossgpt.tokenizer import load_tokenizer
@@ -93,22 +97,35 @@ def load_model(
     figure, raised before anything is loaded.
     """
     directory = resolve_checkpoint(path)
+    adapted = is_adapted(directory)
+    weights = adapted_base(directory) if adapted else directory
     device = resolve_device(device)
-    packed = detect_format(directory).mxfp4
+    packed = detect_format(weights).mxfp4
     keep_mxfp4 = packed and device.type == "cpu" if keep_mxfp4 is None else keep_mxfp4
+    if adapted and keep_mxfp4:  # the adapters stay beside the packed experts, unmerged: no int8 copy of them
+        if quantization not in ("auto", None, "none"):
+            raise UserError(f"--quantize {quantization} needs the LoRA adapters of {directory} folded in: `ossgpt "
+                            "merge` the run first, or load with --no-mxfp4")  # fmt: skip
+        quantization = "none"
     if quantization == "auto":
         quantization = "int8-dynamic" if device.type == "cpu" and keep_mxfp4 else "none"
     if device.type == "cpu":
-        config = load_config(directory, **config_overrides)
+        config = load_config(weights, **config_overrides)
         advice = "" if keep_mxfp4 or not packed else "; keep the experts packed: leave out --no-mxfp4"
         # Quantizing keeps the embedding table as stored: bfloat16 in the published checkpoints.
         embedding_dtype = torch.bfloat16 if quantization not in (None, "none") else None
         plan = MemoryPlan.of(config, dtype, keep_mxfp4, quantization, embedding_dtype)
         check_memory(plan, min(CHECKED_CONTEXT, config.max_position_embeddings), str(directory), advice)
     # Quantizing: from the weights as stored (no float32 copy of what becomes int8), then the rest cast to dtype.
-    quantizing = quantization not in (None, "none")
-    model = from_pretrained(directory, dtype=None if quantizing else dtype, device=device, keep_mxfp4=keep_mxfp4,
-                            **config_overrides)  # fmt: skip
+    # Not for adapters: they are folded into the weights in place, never into the memory-mapped file.
+    as_stored = quantization not in (None, "none") and not adapted
+    options = dict(dtype=None if as_stored else dtype, device=device, keep_mxfp4=keep_mxfp4, **config_overrides)
+    if adapted:
+        model = load_adapted(directory, **options)
+        if not keep_mxfp4:
+            model = merge_lora(model).eval()
+    else:
+        model = from_pretrained(directory, **options)
     return quantize(model, quantization, copy=False, dtype=dtype)
 
 

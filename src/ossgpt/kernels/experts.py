@@ -28,24 +28,26 @@ def sorted_experts(
     x: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    gate_up_bias: torch.Tensor,
-    down: torch.Tensor,
-    down_bias: torch.Tensor,
+    num_experts: int,
+    project: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor],
     activation: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """x [N, H], indices/weights [N, k], gate_up [E, H, 2I] + bias [E, 2I], down [E, I, H] + bias [E, H],
-    activation [..., 2I] -> [..., I] -> [N, H]: sum over each token's k experts of weight * expert(x)."""
+    """x [N, H], indices/weights [N, k] -> [N, H]: sum over each token's k experts of weight * expert(x).
+
+    project(name, rows, counts): the projection `name` ("gate_up_proj", then "down_proj") of rows [M, in] grouped
+    by expert (counts [E] rows each) -> [M, out], e.g. `grouped_linear` with the experts' stacked weights;
+    activation [..., 2I] -> [..., I] between the two.
+    """
     N, k = indices.shape
     flat_expert = indices.reshape(-1)  # [N*k]
     order = torch.argsort(flat_expert, stable=True)
     token = order // k  # which token each sorted assignment came from
-    counts = torch.bincount(flat_expert, minlength=gate_up.shape[0])
+    counts = torch.bincount(flat_expert, minlength=num_experts)
     # index_select rather than x[token]: its backward is an index_add, several times faster on CPU than the
     # accumulating index_put that advanced indexing's backward uses.
     xs = x.index_select(0, token)  # [N*k, H], grouped by expert
-    h = grouped_linear(xs, gate_up, gate_up_bias, counts)
-    y = grouped_linear(activation(h), down, down_bias, counts)
+    h = project("gate_up_proj", xs, counts)
+    y = project("down_proj", activation(h), counts)
     y = y * weights.reshape(-1).index_select(0, order)[:, None]
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 

@@ -50,9 +50,10 @@ def linear_cross_entropy(
     workspace: a dict this function may keep its scratch buffers in between calls (not thread-safe: one
     workspace per concurrently running model).
     """
-    # Autograd runs Function.forward with grad mode off, so whether gradients are wanted is decided here.
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_size, ignore_index, need_grad, workspace)
+    # Autograd runs Function.forward with grad mode off, so which gradients are wanted is decided here. A frozen
+    # weight (a LoRA base's LM head) needs none: its [V, H] gradient is neither formed nor held.
+    need = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_size, ignore_index, need, workspace)
 
 
 def _scratch(workspace: dict | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device):
@@ -88,7 +89,10 @@ def _softmax_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chunk_size, ignore_index, need_grad, workspace):
+    def forward(ctx, x, weight, labels, chunk_size, ignore_index, need, workspace):
+        """need: (whether x wants a gradient, whether weight does)."""
+        need_grad_x, need_grad_w = need
+        need_grad = need_grad_x or need_grad_w
         N, H = x.shape
         V = weight.shape[0]
         device, device_type = x.device, x.device.type
@@ -114,7 +118,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             buffer = _scratch(workspace, "logits", (C, V), torch.float32, device)  # logits, then their gradient
             low = _scratch(workspace, "low", (C, V), dtype, device) if dtype != torch.float32 else None
             losses = torch.empty(N, dtype=torch.float32, device=device)
-            grad_x = torch.empty(N, H, dtype=x.dtype, device=device) if need_grad else None
+            grad_x = torch.empty(N, H, dtype=x.dtype, device=device) if need_grad_x else None
             grad_w = None  # float32; the first chunk's product creates it (no zero-fill pass over [V, H])
             for start in range(0, N, C):
                 rows = slice(start, min(start + C, N))
@@ -129,7 +133,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if not need_grad:
                     continue
                 grad = logits if low is None else low[:c].copy_(logits)  # dlogits [c, V]
-                grad_x[rows] = torch.mm(grad, wc).to(x.dtype)
+                if need_grad_x:
+                    grad_x[rows] = torch.mm(grad, wc).to(x.dtype)
+                if not need_grad_w:
+                    continue
                 if grad_w is None:
                     grad_w = torch.mm(grad.t(), xc[rows]).float()
                 elif grad.dtype == torch.float32:
@@ -138,12 +145,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.add_(torch.mm(grad.t(), xc[rows]))
         loss = (losses * valid).sum() / n_valid
         if need_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_grad_w else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         if grad_loss.item() != 1.0:  # loss.backward() gives exactly 1: skip a pass over dW [V, H]
-            grad_x, grad_w = grad_x * grad_loss, grad_w * grad_loss
+            grad_x = grad_x * grad_loss if grad_x is not None else None
+            grad_w = grad_w * grad_loss if grad_w is not None else None
         return grad_x, grad_w, None, None, None, None, None

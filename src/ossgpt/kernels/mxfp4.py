@@ -56,6 +56,32 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return torch.ldexp(values, exponents).flatten(-2).to(dtype)
 
 
+def quantize_mxfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [..., K] (K a multiple of 32) -> blocks [..., K/32, 16], scales [..., K/32] (uint8): `dequantize`'s
+    inverse, each value rounded to the nearest one the format holds.
+
+    A block's scale is the smallest power of two 2^e with max|v| <= 7 * 2^e; each v / 2^e is then rounded to the
+    nearest FP4 value, a tie to the even code (mantissa bit 0), as IEEE rounding breaks ties. Values up to 7 * 2^e
+    round to 6 * 2^e (the largest FP4 value) no farther than any value rounds (half the largest gap, 1 * 2^e), so
+    the block gets the finest scale that costs nothing; and a value a little above 6 * 2^e, such as a weight of
+    the grid plus a small update, keeps its block's scale rather than doubling it. Lossless on values that
+    `dequantize` can produce.
+    """
+    if values.shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"MXFP4 rows must have a multiple of {BLOCK_SIZE} values, got {values.shape[-1]}")
+    groups = values.float().contiguous().unflatten(-1, (-1, BLOCK_SIZE))  # [..., G, 32]
+    amax = groups.abs().amax(-1)
+    e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 7.0)), -SCALE_BIAS).clamp(-SCALE_BIAS, SCALE_BIAS)
+    e = e + (amax > 7.0 * torch.exp2(e)).float()  # in case log2 rounded down across a power of two
+    scaled = groups / torch.exp2(e)[..., None]  # |scaled| <= 7
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=values.device)  # between FP4 values
+    magnitude = torch.bucketize(scaled.abs(), midpoints)  # code 0..7; a tie goes to the lower code
+    tie = scaled.abs() == midpoints[magnitude.clamp(max=len(midpoints) - 1)]
+    codes = magnitude + (tie & (magnitude % 2 == 1)).long() + 8 * torch.signbit(scaled).long()
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # low nibble first
+    return blocks, (e + SCALE_BIAS).to(torch.uint8)
+
+
 def dequantize_experts(
     blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32, device=None
 ) -> torch.Tensor:

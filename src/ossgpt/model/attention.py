@@ -69,10 +69,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
 
-    def forward(self, x, cos, sin, positions, cache=None, cache_start: int = 0):
+    def forward(self, x, cos, sin, positions, cache=None, cache_start: int | torch.Tensor = 0):
         """x [B, T, hidden]; cos/sin from RotaryEmbedding; positions [B, T] (-1 = padding) -> [B, T, hidden].
 
-        With a LayerKVCache, this step's tokens are the cache columns cache_start..cache_start+T-1.
+        With a LayerKVCache, this step's tokens are the cache columns cache_start..cache_start+T-1 (cache_start:
+        an int, or a [B] tensor of per-row columns for one token per row).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]

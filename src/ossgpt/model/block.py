@@ -15,7 +15,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def forward(self, x, cos, sin, positions, cache=None, cache_start: int = 0):
+    def forward(self, x, cos, sin, positions, cache=None, cache_start=0):
         """x [B, T, hidden] -> (x [B, T, hidden], RouterStats)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, cache_start)
         moe_out, stats = self.mlp(self.post_attention_layernorm(x))

@@ -8,9 +8,16 @@ each slot, [B, capacity] (-1 = empty). Nothing is reallocated per token:
     no longer see and attends over the buffer as it is (no copy per token).
 Attention masks are built from the stored positions, so the same mask code serves training (no cache),
 prefill and decoding, and left-padded rows (position -1) are simply never attended to.
+
+Rows normally advance together: every step writes the same columns of every row (`seen` is one int). For continuous
+batching (ossgpt.inference.engine) each row holds its own sequence, at its own length: `seen` is then a [B] tensor,
+one column per row, and a step writes one token per row at that row's column. `narrow` gives a view of some rows
+(and the first columns), a cache that writes into this one, so a step can run on the rows that are in use.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -23,13 +30,26 @@ class LayerKVCache:
         self.capacity = capacity
         self.ring = ring
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: int):
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: int | torch.Tensor):
         """Store this step's k, v [B, H_kv, T, D], the tokens of columns start..start+T-1 at positions [B, T].
 
         Returns the keys, values [B, H_kv, S, D] and key positions [B, S] that this step's queries attend over.
         Slots are indexed by column, not position, so left-padded rows (position -1) share one layout.
+        start: one int for every row, or a [B] tensor of each row's column when T is 1 (rows of different lengths).
         """
         T = k.shape[2]
+        if isinstance(start, torch.Tensor):
+            # One token per row, each at its own column: its slot, as in the one-token ring case below, overwrites
+            # nothing its query could still see. The rows attend over the whole buffer: slots beyond a row's
+            # sequence hold position -1 and are masked.
+            if T != 1:
+                raise ValueError(f"per-row start columns take one token per row, got {T}")
+            rows = torch.arange(k.shape[0], device=k.device)
+            slots = start % self.capacity if self.ring else start
+            self.keys[rows, :, slots] = k[:, :, 0]
+            self.values[rows, :, slots] = v[:, :, 0]
+            self.positions[rows, slots] = positions[:, 0]
+            return self.keys, self.values, self.positions
         if self.ring and T == 1:
             # One new token (decoding): it overwrites the oldest slot, which its query could no longer see (it is
             # `capacity` = window positions back), so the buffer itself then holds exactly what it attends over.
@@ -58,6 +78,16 @@ class LayerKVCache:
         end = start + T
         return self.keys[:, :, :end], self.values[:, :, :end], self.positions[:, :end]
 
+    def narrow(self, first: int, rows: int, columns: int) -> LayerKVCache:
+        """Rows first..first+rows-1 and, of a plain buffer, the first `columns` columns (a ring buffer keeps all its
+        slots: any of them may be in use), as a cache whose writes land in this one."""
+        view = copy.copy(self)
+        view.capacity = self.capacity if self.ring else min(columns, self.capacity)
+        view.keys = self.keys[first : first + rows, :, : view.capacity]
+        view.values = self.values[first : first + rows, :, : view.capacity]
+        view.positions = self.positions[first : first + rows, : view.capacity]
+        return view
+
 
 class KVCache:
     """One LayerKVCache per layer, sized for `max_length` columns (tokens, padding included) per row."""
@@ -77,7 +107,15 @@ class KVCache:
             for kind in config.layer_types
         ]
         self.max_length = max_length
-        self.seen = 0  # columns stored so far; the model advances it after each forward
+        self.seen = 0  # columns stored so far (or a [B] tensor, one per row); the model advances it after each forward
 
     def __getitem__(self, layer: int) -> LayerKVCache:
         return self.layers[layer]
+
+    def narrow(self, first: int, rows: int, columns: int | None = None) -> KVCache:
+        """A view of rows first..first+rows-1 and their first `columns` columns (default: all): a cache of `rows`
+        rows whose writes land in this one. Its `seen` starts as this one's; set it for the view's rows."""
+        view = copy.copy(self)
+        view.max_length = self.max_length if columns is None else min(columns, self.max_length)
+        view.layers = [layer.narrow(first, rows, view.max_length) for layer in self.layers]
+        return view

@@ -134,7 +134,9 @@ class GPTOSS(nn.Module):
             never attended to.
         positions [B, T]: explicit absolute positions (decoding with padded rows); default: 0.. (after the
             tokens already in `cache`).
-        cache: a KVCache; this call's tokens are appended to it.
+        cache: a KVCache; this call's tokens are appended to it, at column cache.seen of every row, or, when
+            cache.seen is a [B] tensor, one token per row at that row's column (continuous batching: give the
+            positions then).
         logits_to_keep: if > 0, only compute logits for the last that many positions (decoding).
         return_logits: False (with labels) returns the loss alone, `.logits` None: what training wants, since
             then the [B, T, vocab] logits need never exist (see `_loss`).

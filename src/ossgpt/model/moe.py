@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ossgpt.kernels.experts import sorted_experts
+from ossgpt.kernels.experts import grouped_linear, sorted_experts
 
 
 class RouterStats:
@@ -96,10 +96,14 @@ class Router(nn.Module):
         """x [N, H] -> logits [N, E], mixing weights [N, k], expert indices [N, k]."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.weight, self.bias)
+        logits = self.logits(x)
         top_logits, indices = torch.topk(logits, self.top_k, dim=-1)
         weights = top_logits.softmax(dim=-1)
         return logits, weights, indices
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> router logits [N, E]."""
+        return F.linear(x, self.weight, self.bias)
 
 
 class Experts(nn.Module):
@@ -120,9 +124,13 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/weights [N, k] (each token's experts and mixing weights) -> [N, H]."""
         if self.kernel == "sorted":
-            return sorted_experts(x, indices, weights, self.gate_up_proj, self.gate_up_proj_bias, self.down_proj,
-                                  self.down_proj_bias, self.activation)  # fmt: skip
+            return sorted_experts(x, indices, weights, self.num_experts, self.grouped, self.activation)
         return self.loop(x, indices, weights)
+
+    def grouped(self, projection: str, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The projection ("gate_up_proj" or "down_proj") of rows grouped by expert, xs [M, in] (counts [E] rows
+        each) -> [M, out], in one grouped product (what `sorted_experts` calls)."""
+        return grouped_linear(xs, getattr(self, projection), getattr(self, f"{projection}_bias"), counts)
 
     def loop(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The reference: x [N, H], indices/weights [N, k] -> [N, H], one expert at a time, over the experts that

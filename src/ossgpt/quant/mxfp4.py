@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize, mxfp4_linear, mxfp4_token_experts
+from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize, mxfp4_linear, mxfp4_token_experts, quantize_mxfp4
 from ossgpt.model.moe import Experts
 
 
@@ -72,6 +72,21 @@ def use_mxfp4_experts(model) -> None:
     for layer in model.layers:
         layer.mlp.experts = MXFP4Experts(model.config)
     model.options = model.options  # the new modules take the model's kernels
+
+
+@torch.no_grad()
+def pack_experts(experts: Experts, config) -> MXFP4Experts:
+    """Dense `Experts` rounded to MXFP4 (kernels.mxfp4.quantize_mxfp4), one expert at a time: `MXFP4Experts`
+    holding the packed weights, with the same biases and kernel."""
+    packed = MXFP4Experts(config)
+    for projection in ("gate_up_proj", "down_proj"):
+        rows = getattr(experts, projection).transpose(1, 2)  # [E, out, in]: MXFP4 packs output channels' rows
+        blocks, scales = zip(*(quantize_mxfp4(rows[e]) for e in range(rows.shape[0])))
+        setattr(packed, f"{projection}_blocks", torch.stack(blocks))
+        setattr(packed, f"{projection}_scales", torch.stack(scales))
+        setattr(packed, f"{projection}_bias", getattr(experts, f"{projection}_bias"))
+    packed.kernel = experts.kernel
+    return packed
 
 
 def has_mxfp4_experts(model) -> bool:

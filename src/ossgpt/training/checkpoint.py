@@ -7,6 +7,9 @@
                                        parameter, NAME.momentum_buffer for each Muon matrix
       trainer_state.json               step, tokens seen, best validation loss, RNG states, the TrainConfig
 
+A LoRA fine-tune (training.sft) saves its adapters and a reference to its frozen base instead of config.json and
+model.safetensors (ossgpt.checkpoint.adapted); its optimizer state is the adapters' only.
+
 Safetensors and JSON only: reading a checkpoint never unpickles anything.
 
 Saving is a collective (every process calls it): the full, unsharded model and optimizer state are gathered to
@@ -23,6 +26,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,32 +65,44 @@ def save_checkpoint(
     run_dir: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    config: GPTOSSConfig,
+    write_weights: Callable[[dict[str, torch.Tensor], Path], None],
     trainer_state: dict,
-    tokenizer_file: Path,
+    tokenizer_file: Path | None,
     ctx: DistContext,
+    trainable_only: bool = False,
 ) -> None:
     """Write RUN_DIR/checkpoint from every process's part of `model` (plain, DDP or FSDP) and `optimizer`.
 
+    write_weights(state, folder): writes the gathered model state into the folder being made (`write_model_state`:
+        a model directory). trainable_only: the state holds only the parameters that train (LoRA adapters), not
+        the frozen rest.
     trainer_state: JSON-serialisable; the RNG states of all processes are added to it here.
+    tokenizer_file: copied into the checkpoint (None: nothing to copy, the model's tokenizer is a named one).
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0's CPU only
+    # Full tensors, on rank 0's CPU only.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     rng = ctx.all_gather_object(rng_state())
     if ctx.is_main:
         state = {"format": STATE_FORMAT, **trainer_state, "rng": rng}
         with atomic_directory(checkpoint_dir(run_dir)) as tmp:
-            # save_pretrained writes its own folder atomically; make it a subfolder of ours, then lift its files.
-            save_pretrained(_model_holding(config, model_state), tmp / "model")
-            for path in (tmp / "model").iterdir():
-                os.replace(path, tmp / path.name)
-            (tmp / "model").rmdir()
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            write_weights(model_state, tmp)
+            if tokenizer_file is not None:
+                shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             save_file(flatten_optimizer_state(optimizer_state), str(tmp / OPTIMIZER_FILE), {"format": "pt"})
             time.sleep(float(os.environ.get(PAUSE_ENV, 0)))
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
     ctx.barrier()
+
+
+def write_model_state(config: GPTOSSConfig, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """The model of `config` with the weights `state` into `directory` (existing), as `save_pretrained` writes it."""
+    # save_pretrained writes its own folder atomically; make it a subfolder, then lift its files.
+    save_pretrained(_model_holding(config, state), directory / "model")
+    for path in (directory / "model").iterdir():
+        os.replace(path, directory / path.name)
+    (directory / "model").rmdir()
 
 
 def _model_holding(config: GPTOSSConfig, state: dict[str, torch.Tensor]) -> GPTOSS:

@@ -141,10 +141,14 @@ class TrainConfig:
         """The config of a run of `preset`: `given` fields, the rest from the preset's defaults."""
         if preset not in PRESETS:
             raise UserError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        return cls.create(**{**PRESETS[preset].train, **given, "preset": preset})
+
+    @classmethod
+    def create(cls, **values) -> TrainConfig:
+        """The config of `values`, the other fields at their defaults, min_lr defaulted, every value checked."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        values = {**PRESETS[preset].train, **given, "preset": preset}
+            raise TypeError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         config = cls(**values)
         if config.min_lr is None:
             config.min_lr = config.learning_rate / 10

@@ -6,7 +6,10 @@ One optimizer step:
   if the loss or the gradients are NaN/inf: skip the update, warn, and stop after max_nan_steps such steps in a row
   else: AdamW step at this step's learning rate
 The loss that trains is the model's `.loss`: next-token cross-entropy (`lm_loss`) plus the weighted router
-losses (`aux_loss`). Both are logged, with each layer's load-balancing and z losses and its experts' load.
+losses (`aux_loss`). Both are logged, with each layer's load-balancing and z losses and its experts' load. Each
+micro-batch's lm_loss is scaled by the weight its data gives it: 1 for pretraining's windows, which all hold as many
+targets; for fine-tuning (training.sft), its share of the step's targets, so that the step's loss is the mean over
+all of them.
 
 Every eval_every steps: validation loss, perplexity and bits per byte. Every save_every steps, and whenever
 save_every_minutes have passed since the last save: RUN_DIR/checkpoint. At the end (max_steps done, or --max-minutes
@@ -47,6 +50,7 @@ from ossgpt.training.checkpoint import (
     recover,
     save_checkpoint,
     set_rng_state,
+    write_model_state,
 )
 from ossgpt.training.config import TrainConfig, model_config_for
 from ossgpt.training.data import TrainBatches, open_split, validation_batches
@@ -55,11 +59,12 @@ from ossgpt.training.logger import RunLogger, environment_lines
 from ossgpt.training.optim import build_optimizer, lr_at, set_lr
 
 
-def train(config: TrainConfig) -> dict:
-    """Run the job `config` describes; returns the last evaluation's metrics ({} if there was nothing to do)."""
+def train(config: TrainConfig, trainer_class: type[Trainer] | None = None) -> dict:
+    """Run the job `config` describes; returns the last evaluation's metrics ({} if there was nothing to do).
+    trainer_class: Trainer (pretraining, the default) or a subclass (training.sft.SFTTrainer)."""
     ctx = distributed.setup(config.distributed, config.device)
     try:
-        trainer = Trainer(config, ctx)
+        trainer = (trainer_class or Trainer)(config, ctx)
         try:
             return trainer.run()
         finally:
@@ -69,6 +74,12 @@ def train(config: TrainConfig) -> dict:
 
 
 class Trainer:
+    """Pretraining on a prepared data folder. A subclass trains on other data or another model by overriding the
+    hooks: `_load_data` (the model config, the batches, the tokenizer), `micro_batch`, `_build_model`,
+    `_check_resumable`, `_run_identity`, `_describe`, `_write_weights` (training.sft.SFTTrainer does)."""
+
+    trainable_only = False  # whether checkpoints hold only the parameters that train (adapters), not the frozen rest
+
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext):
         config = dataclasses.replace(
             config,
@@ -86,18 +97,8 @@ class Trainer:
                 "--dtype float16 needs loss scaling, which is not set up for --distributed fsdp; use bfloat16"
             )
 
-        meta = read_meta(config.data)
-        self.model_config = model_config_for(config, meta)
-        self.bits_per_nat = meta["val_tokens"] / meta["val_bytes"] / math.log(2) if meta["val_bytes"] else None
-        self.train_batches = TrainBatches(
-            open_split(config.data, "train", config.seq_len), config.batch_size, config.seq_len, config.seed,
-            config.grad_accum_steps, ctx.rank, ctx.world_size,
-        )  # fmt: skip
-        self.val_batches = validation_batches(
-            open_split(config.data, "val", config.seq_len), config.batch_size, config.seq_len, config.eval_batches,
-            ctx.rank, ctx.world_size,
-        )  # fmt: skip
-        self.resume_note = None  # what --resume did, when it started a run that had no checkpoint yet
+        self.notes: list[str] = []  # what setting up decided that the log should say (skipped data, --resume)
+        self._load_data()
         state = self._resume_state()
         model = self._build_model(resumed=state is not None)
         n_params = model.num_parameters()
@@ -121,6 +122,29 @@ class Trainer:
         self._start_records(n_params, resumed=state is not None)
 
     # --- setting up -------------------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        """Set model_config, train_batches, val_batches ([(input_ids, labels, weight)], see `evaluate`),
+        bits_per_nat (None: no bytes per token to report) and tokenizer_file (copied into checkpoints; None: none)."""
+        config, ctx = self.config, self.ctx
+        meta = read_meta(config.data)
+        self.model_config = model_config_for(config, meta)
+        self.bits_per_nat = meta["val_tokens"] / meta["val_bytes"] / math.log(2) if meta["val_bytes"] else None
+        self.train_batches = TrainBatches(
+            open_split(config.data, "train", config.seq_len), config.batch_size, config.seq_len, config.seed,
+            config.grad_accum_steps, ctx.rank, ctx.world_size,
+        )  # fmt: skip
+        self.val_batches = [(ids, ids, 1.0) for ids in validation_batches(
+            open_split(config.data, "val", config.seq_len), config.batch_size, config.seq_len, config.eval_batches,
+            ctx.rank, ctx.world_size,
+        )]  # fmt: skip
+        self.tokenizer_file = Path(config.data) / TOKENIZER_FILE
+
+    def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(input_ids, labels, weight) of a micro-step: the labels are the windows themselves (the model shifts
+        them), each micro-batch's mean loss of the same weight, 1."""
+        input_ids = self.train_batches.batch(step, micro_step)
+        return input_ids, input_ids, 1.0
+
     def _resume_state(self) -> dict | None:
         """The trainer state to resume from (--resume), None for a new run; UserError if RUN_DIR disagrees."""
         checkpoint = checkpoint_dir(self.run_dir)
@@ -134,17 +158,25 @@ class Trainer:
         self.ctx.barrier()
         if self.config.resume and checkpoint.is_dir():
             state = read_trainer_state(checkpoint)
-            check_compatible(load_config(checkpoint), self.model_config, checkpoint)
+            self._check_resumable(checkpoint, state)
             return state
         if self.config.resume:  # killed before its first checkpoint: start it, if it is this run
             self._check_same_run()
-            self.resume_note = f"--resume: {self.run_dir} holds no checkpoint yet; starting the run from step 0"
+            self.notes.append(f"--resume: {self.run_dir} holds no checkpoint yet; starting the run from step 0")
         elif checkpoint.exists() and not self.config.force:
             raise UserError(
                 f"{self.run_dir} already holds a run (checkpoint/): pass --resume to continue it, or --force to "
                 "start afresh (its checkpoint is deleted)"
             )
         return None
+
+    def _check_resumable(self, checkpoint: Path, state: dict) -> None:
+        """UserError if the checkpoint holds another model than the one this run trains."""
+        check_compatible(load_config(checkpoint), self.model_config, checkpoint)
+
+    def _run_identity(self) -> dict:
+        """The train_config.json entries that make a run this run (--resume of a run with no checkpoint checks them)."""
+        return {"data": self.config.data, "model": self.model_config.to_dict()}
 
     def _check_same_run(self) -> None:
         """UserError if RUN_DIR's train_config.json records another run than this one (other data or model)."""
@@ -157,15 +189,16 @@ class Trainer:
             record = None
         if not isinstance(record, dict):
             raise UserError(f"--resume: {path} is not a run record; pass --force to start a new run in {self.run_dir}")
-        differences = [
-            name for name, now in (("data", self.config.data), ("model", self.model_config.to_dict()))
-            if record.get(name) != now
-        ]  # fmt: skip
+        differences = [name for name, now in self._run_identity().items() if record.get(name) != now]
         if differences:
             raise UserError(
                 f"--resume: {self.run_dir} holds no checkpoint, and its {TRAIN_CONFIG} records another run (its "
                 f"{' and '.join(differences)} differ): pass --force to start this one there, or choose another --out"
             )
+
+    def _describe(self) -> str:
+        """What is trained, for the log."""
+        return f"preset {self.config.preset}"
 
     def _build_model(self, resumed: bool) -> GPTOSS:
         device, options = self.ctx.device, self.config.runtime_options
@@ -200,12 +233,11 @@ class Trainer:
             (self.run_dir / TRAIN_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         for line in environment_lines():
             log.info(line)
-        if self.resume_note:
-            log.info(self.resume_note)
+        for note in self.notes:
+            log.info(note)
         log.info(
-            f"{'resuming at step ' + str(self.step) if resumed else 'new run'} in {self.run_dir}: preset "
-            f"{config.preset}, {n_params:,} parameters, vocabulary {self.model_config.vocab_size} "
-            f"({self.model_config.tokenizer})"
+            f"{'resuming at step ' + str(self.step) if resumed else 'new run'} in {self.run_dir}: {self._describe()}, "
+            f"{n_params:,} parameters, vocabulary {self.model_config.vocab_size} ({self.model_config.tokenizer})"
         )
         log.info(
             f"{self.ctx.world_size} process(es) ({config.distributed}) on {self.ctx.device.type}, {config.dtype}; "
@@ -261,10 +293,14 @@ class Trainer:
         accum = config.grad_accum_steps
         sums = None
         for micro_step in range(accum):
-            input_ids = self.train_batches.batch(self.step, micro_step).to(ctx.device, non_blocking=True)
+            input_ids, labels, weight = self.micro_batch(self.step, micro_step)
+            input_ids, labels = (t.to(ctx.device, non_blocking=True) for t in (input_ids, labels))
             with distributed.gradient_sync(self.model, ctx, enabled=micro_step == accum - 1):
                 with self._autocast():
-                    out = self.model(input_ids, labels=input_ids, return_logits=False)
+                    out = self.model(input_ids, labels=labels, return_logits=False)
+                    if weight != 1:  # fine-tuning: the micro-batch's share of the step's targets
+                        out.lm_loss = out.lm_loss * weight
+                        out.loss = out.lm_loss + out.aux_loss
                 self.scaler.scale(out.loss / accum).backward()
             stats = step_statistics(out)
             sums = stats if sums is None else sums + stats
@@ -342,14 +378,18 @@ class Trainer:
     # --- evaluation and saving ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean next-token loss over the fixed validation windows (all processes' rows), with perplexity and bits
-        per byte (loss in bits times the data's val tokens per byte)."""
+        """Mean next-token loss over the fixed validation batches (all processes' rows), with perplexity and bits
+        per byte (loss in bits times the data's val tokens per byte). Each batch's mean loss counts `weight` times
+        (1 for pretraining's equal windows); a batch of weight 0 holds no target on this process and is run only
+        so that every process runs as many (FSDP gathers weights in lockstep)."""
         self.model.eval()
         total = torch.zeros((), device=self.ctx.device)
-        for input_ids in self.val_batches:
-            input_ids = input_ids.to(self.ctx.device, non_blocking=True)
+        for input_ids, labels, weight in self.val_batches:
+            input_ids, labels = (t.to(self.ctx.device, non_blocking=True) for t in (input_ids, labels))
             with self._autocast():
-                total += self.model(input_ids, labels=input_ids, return_logits=False).lm_loss.float()
+                lm_loss = self.model(input_ids, labels=labels, return_logits=False).lm_loss.float()
+            if weight:
+                total += lm_loss * weight
         self.model.train()
         val_loss = self.ctx.all_reduce_sum(total).item() / (len(self.val_batches) * self.ctx.world_size)
         self.best_val_loss = min(self.best_val_loss, val_loss)
@@ -373,10 +413,14 @@ class Trainer:
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "train_config": self.config.to_dict(),
         }
-        save_checkpoint(self.run_dir, self.model, self.optimizer, self.model_config, state,
-                        Path(self.config.data) / TOKENIZER_FILE, self.ctx)  # fmt: skip
+        save_checkpoint(self.run_dir, self.model, self.optimizer, self._write_weights, state, self.tokenizer_file,
+                        self.ctx, self.trainable_only)  # fmt: skip
         self.last_save_seconds = self.seconds
         self.logger.info(f"saved {checkpoint_dir(self.run_dir)} at step {self.step}")
+
+    def _write_weights(self, state: dict[str, torch.Tensor], directory: Path) -> None:
+        """Write the model's (full, unsharded) state into the checkpoint folder being made: as a model directory."""
+        write_model_state(self.model_config, state, directory)
 
 
 def step_statistics(out: CausalLMOutput) -> torch.Tensor:
