@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ossgpt import tokenizer as tokenizer_module
 from ossgpt.chat.harmony import SPECIAL_TOKENS, Harmony, Message
 from ossgpt.errors import UserError
 from ossgpt.tokenizer import (
@@ -52,13 +54,16 @@ def fake_o200k_file(tmp_path_factory) -> Path:
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """An empty tiktoken cache, no local folder of ranks files (which tiktoken reads from TIKTOKEN_ENCODINGS_BASE
-    when set) and no network: any connection attempt fails at once."""
+    when set), no encoding already loaded by an earlier test (this process's and tiktoken's registries), and no
+    network: any connection attempt fails at once."""
 
     def refuse(*args, **kwargs):
         raise OSError("network disabled by the test")
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    tokenizer_module._load_encoding.cache_clear()
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
