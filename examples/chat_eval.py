@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="[NAME=]CHECKPOINT", help="checkpoints to evaluate")
     parser.add_argument("--data", type=Path, required=True, help="a heldout.jsonl of examples/chat_data.py")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N conversations only")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=128, help="tokens per reply at most (default: %(default)s)"
+    parser.add_argument(  # the data's replies are at most 90 tokens in the tiny preset's vocabulary
+        "--max-new-tokens", type=int, default=100, help="tokens per reply at most (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=100, help="replies generated together (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=200, help="replies generated together (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if not args.data.is_file():
