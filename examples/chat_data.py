@@ -15,8 +15,9 @@ Each step is something a small transformer does well (look up a one-digit sum or
 position, add one to a tally), and every step the answer needs is written out before it. Letters are written
 apart ("c a t") so that each is one token (" a"), as the digits of a number are in the tiny preset's vocabulary.
 All questions of a task have the same shape (2-digit numbers, 4 or 5 letters), so what the reply copies from the
-question is always the same number of tokens back: a model pretrained for minutes on novels cannot yet find a
-token by its content (it has no induction heads), and learns to fetch one from a fixed distance much sooner.
+question is always the same number of tokens back and can be fetched by position alone: a model pretrained for
+minutes on novels cannot yet find a token by its content (it has no induction heads: `make demo`'s model continues
+"Mr. Darcy said to Mr. Bingley that Mr. Dar" with "ms").
 
 The chance level of an example is the probability that a uniform guess among the answers its question allows is
 right, what accuracy must be compared with:
