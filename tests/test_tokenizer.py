@@ -1,6 +1,5 @@
 """Tokenizers: known ids, round trips, vocabulary loading and its failures, the harmony special tokens."""
 
-import base64
 import socket
 import time
 from pathlib import Path
@@ -38,17 +37,6 @@ SAMPLE = "The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, e
 def cl100k(monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(CL100K_CACHE))
     return HarmonyTokenizer("cl100k_base")
-
-
-@pytest.fixture(scope="module")
-def fake_o200k_file(tmp_path_factory) -> Path:
-    """A tiny BPE ranks file standing in for o200k_base: 256 single bytes and merges up to "hello"."""
-    ranks = {bytes([b]): b for b in range(256)}
-    for token in (b"he", b"ll", b"hell", b"hello"):
-        ranks[token] = len(ranks)
-    path = tmp_path_factory.mktemp("vocab") / "fake_o200k_base.tiktoken"
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
-    return path
 
 
 @pytest.fixture
@@ -143,8 +131,8 @@ def test_bad_vocab_file_is_a_user_error(tmp_path):
 
 
 # --- o200k_harmony special tokens, on a small stand-in for o200k_base -----------------------------------------
-def test_harmony_special_tokens_keep_their_ids(fake_o200k_file):
-    tokenizer = HarmonyTokenizer("o200k_harmony", vocab_file=fake_o200k_file)
+def test_harmony_special_tokens_keep_their_ids(fake_vocab):
+    tokenizer = HarmonyTokenizer("o200k_harmony", vocab_file=fake_vocab)
     fixed = {
         "<|startoftext|>": 199998,
         "<|endoftext|>": 199999,
