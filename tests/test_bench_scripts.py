@@ -92,13 +92,15 @@ def test_gpt_oss_20b_memory_table():
 @pytest.mark.slow
 def test_serve_script(tmp_path):
     """bench/serve.py --quick: `ossgpt serve` on tiny shapes in a subprocess, 1 to 16 streaming clients beside
-    generate_batch, the table and the JSON (slow: two processes load torch and a model; ~20 CPU-seconds)."""
+    generate_batch, then 16 staggered, the table and the JSON (slow: two processes load torch and a model;
+    ~20 CPU-seconds)."""
     pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'ossgpt[serve]')")
     out = run_script("serve.py", "--quick", "--json", tmp_path / "serve.json")
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| tiny")]
-    assert [row[2].strip() for row in rows[:5]] == ["generate_batch, batch 8", "1", "4", "8", "16"]
-    assert rows[5][2].strip().endswith(("ok", "MISSED")) and len(rows) == 6
+    assert [row[2].strip() for row in rows[:6]] == ["generate_batch, batch 8", "1", "4", "8", "16", "16 staggered"]
+    assert all(("ok" in cell) != ("MISSED" in cell) for cell in rows[6][2:-1]) and len(rows) == 7
     tiny = json.loads((tmp_path / "serve.json").read_text())["shapes"]["tiny"]
-    assert [level["requests"] for level in tiny["levels"].values()] == [1, 4, 8, 16]
+    assert [level["requests"] for level in tiny["levels"].values()] == [1, 4, 8, 16, 16]
+    assert tiny["prefill_bound_16_vs_1"] > 1  # 16 prompts' prefill costs more than one's
     assert all(level["tokens_per_s"] > 0 and level["ttft_p99_s"] >= level["ttft_p50_s"] > 0
                for level in tiny["levels"].values())  # fmt: skip

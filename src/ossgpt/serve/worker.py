@@ -2,8 +2,8 @@
 
 One thread drives the continuous-batching engine (ossgpt.inference.engine.Engine, whose `run` loops `step()` while
 there is work and sleeps until a request arrives). The HTTP handlers live on an asyncio event loop in another
-thread. Each request gets its own asyncio.Queue, which the engine thread fills with the request's events through
-`loop.call_soon_threadsafe` (an asyncio queue may only be touched from its loop's thread).
+thread. Each request gets its own asyncio.Queue, which the engine thread fills with the request's events: a step's
+events go over in one `loop.call_soon_threadsafe` (an asyncio queue may only be touched from its loop's thread).
 
     worker = Worker(lambda: Engine(model, max_batch=16), max_requests=16 + 64)
     worker.start()                        # inside the running event loop
@@ -134,13 +134,20 @@ class Worker:
                 if event.finish_reason is not None:
                     del self.streams[event.request_id]
                 ready.append((stream, event))
-        for stream, event in ready:
-            self.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+        if ready:  # one wake-up of the event loop per step, not one per request: each costs a write to its pipe
+            self.loop.call_soon_threadsafe(_put_all, ready)
 
     def _fail_all(self) -> None:
         with self.lock:
             failed, self.streams = self.streams, {}
             self.engine = None  # freed (its batch cache with it) before the new one is allocated
             self.engine = self.make_engine()
-        for stream in failed.values():
-            self.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineError("the engine failed on this request"))
+        self.loop.call_soon_threadsafe(
+            _put_all, [(s, EngineError("the engine failed on this request")) for s in failed.values()]
+        )
+
+
+def _put_all(items) -> None:
+    """On the event loop's thread: hand each (stream, event or EngineError) to its stream."""
+    for stream, item in items:
+        stream.queue.put_nowait(item)
