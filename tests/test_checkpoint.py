@@ -27,8 +27,9 @@ def test_round_trip(model, tmp_path, fmt, tied):
     loaded = GPTOSSForCausalLM.from_pretrained(tmp_path / "ckpt")
     if fmt == "ossgpt":
         assert loaded.config == model.config
-    else:  # HF configs carry the architecture, not ossgpt's tokenizer spec or training-only coefficients
+    else:  # HF configs carry the architecture and the tokenizer spec, not ossgpt's training-only coefficients
         hf_fields = (
+            "tokenizer",
             "vocab_size",
             "hidden_size",
             "num_hidden_layers",

@@ -6,7 +6,7 @@ import torch
 from ossgpt import GPTOSSConfig, GPTOSSConfigMini, GPTOSSForCausalLM, RuntimeOptions
 from ossgpt.config import FORMER_RUNTIME_FIELDS
 from ossgpt.presets import PRESETS
-from ossgpt.tokenizer import ByteTokenizer
+from ossgpt.tokenizer import HARMONY_CHAT_TOKENS, ByteTokenizer
 from ossgpt.training import TrainConfig
 
 
@@ -116,9 +116,10 @@ def test_every_preset_is_one_valid_table(name):
 
 def test_tiny_vocabulary_holds_its_compact_tokenizer():
     """tiny's vocabulary needs no fitting to the data: a compact cl100k_base:8192 tokenizer has bytes, then
-    <|endoftext|>, then at most 8,192 kept tokens."""
+    <|endoftext|>, then at most 8,192 kept tokens, then Harmony's 7 chat tokens."""
     config = GPTOSSConfig.from_preset("tiny")
     base, size = config.tokenizer.split(":")
     assert (base, int(size)) == ("cl100k_base", 8192)
-    assert ByteTokenizer().vocab_size + 8192 <= config.vocab_size and config.vocab_size % 64 == 0
+    assert ByteTokenizer().vocab_size + 8192 + len(HARMONY_CHAT_TOKENS) <= config.vocab_size
+    assert config.vocab_size % 64 == 0
     assert config.eos_token_id == ByteTokenizer().eot_token_id

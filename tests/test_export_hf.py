@@ -117,7 +117,9 @@ def test_convert_published_layouts_to_hf(tmp_path, layout, capsys):
 def test_convert_errors_are_one_line(tmp_path, capsys):
     target = tmp_path / "out"
     assert main(["convert", "--from", str(tmp_path / "missing"), "--to", str(target), "--format", "hf"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: checkpoint directory {tmp_path / 'missing'} does not exist"
+    assert capsys.readouterr().err.strip() == (
+        f"error: checkpoint {tmp_path / 'missing'} does not exist; pass a model directory or a training run directory"
+    )
     random_model().save_pretrained(tmp_path / "ckpt")
     target.mkdir()
     assert main(["convert", "--from", str(tmp_path / "ckpt"), "--to", str(target), "--format", "hf"]) == 2

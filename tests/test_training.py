@@ -24,7 +24,7 @@ from ossgpt.inference.loading import load_model_and_tokenizer
 from ossgpt.model import GPTOSS
 from ossgpt.tokenizer import ByteTokenizer
 from ossgpt.training import TrainConfig
-from ossgpt.training.config import model_config_for, parse_model_overrides
+from ossgpt.training.config import model_config_for, parse_model_overrides, same_tokenizer_file
 from ossgpt.training.data import TrainBatches, open_split, validation_batches
 from ossgpt.training.optim import build_optimizer, decays, lr_at, param_groups, set_lr
 
@@ -436,10 +436,33 @@ def test_init_from_starts_at_the_checkpoint_and_extends_its_context(tmp_path, da
 def test_init_from_needs_data_in_the_checkpoints_vocabulary(tmp_path, data, capsys):
     source = tmp_path / "source"
     assert main(["train", "--data", str(data), "--out", str(source), *TINY, "--max-steps", "1"]) == 0
-    (source / "checkpoint" / "tokenizer.json").write_text('{"other": "vocabulary"}')
+    # Another fitted table under the same name: as if the data were prepared again on another corpus.
+    (data / "tokenizer.json").write_text('{"spec": "bytes", "table": "another"}')
     capsys.readouterr()
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), *TINY, "--init-from", str(source)]) == 2
     assert "is tokenized with another vocabulary" in capsys.readouterr().err
+
+
+def test_same_tokenizer_file_compares_fitted_tables_only(tmp_path):
+    """A fitted (compact) vocabulary is the same only if its table is; a named one is the configs' business, and a
+    checkpoint may then hold Hugging Face's tokenizer.json (gpt-oss's download does)."""
+    data, checkpoint = tmp_path / "data", tmp_path / "checkpoint"
+    data.mkdir(), checkpoint.mkdir()
+
+    def same(data_state, checkpoint_text) -> bool:
+        (data / "tokenizer.json").write_text(json.dumps(data_state))
+        if checkpoint_text is not None:
+            (checkpoint / "tokenizer.json").write_text(checkpoint_text)
+        return same_tokenizer_file(str(data), checkpoint)
+
+    fitted = {"spec": "cl100k_base:8", "ids": [300, 301]}
+    hugging_face = '{"version": "1.0", "model": {"type": "BPE"}}'
+    assert same(fitted, json.dumps(fitted))
+    assert not same(fitted, json.dumps(fitted | {"ids": [300, 302]}))
+    assert not same(fitted, hugging_face)
+    assert same({"spec": "o200k_harmony"}, hugging_face)
+    (checkpoint / "tokenizer.json").unlink()
+    assert same(fitted, None)  # a checkpoint without one: nothing to compare
 
 
 def test_an_existing_run_needs_resume_or_force(tmp_path, data, capsys):

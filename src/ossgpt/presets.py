@@ -46,8 +46,8 @@ PRESETS: dict[str, Preset] = {
         summary="9.3M parameters, compact 8,192-token cl100k vocabulary: minutes on 2 CPU cores",
         # The 100k-row cl100k LM head would dominate the cost of a model this small, so `tiny` uses a compact
         # vocabulary: the 8,192 most frequent cl100k tokens of the training text plus byte fallback (lossless; see
-        # ossgpt.tokenizer.CompactTokenizer). Its ids: 0-255 bytes, 256 <|endoftext|>, then the kept tokens, so at
-        # most 8,449 ids, padded to 8,512 rows (a multiple of 64).
+        # ossgpt.tokenizer.CompactTokenizer). Its ids: 0-255 bytes, 256 <|endoftext|>, then the kept tokens, then
+        # Harmony's 7 chat tokens, so at most 257 + 8,192 + 7 = 8,456 ids, padded to 8,512 rows (a multiple of 64).
         model=dict(
             tokenizer="cl100k_base:8192", vocab_size=8_512, eos_token_id=256,
             hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,

@@ -11,6 +11,8 @@ checkpoint rebuild the adapted model from it (ossgpt.inference.loading), `ossgpt
 
     is_adapted(directory)                          whether DIR is such a folder
     load_adapted(directory, base=None, **options)  the base (from_pretrained(base, **options)) with the adapters on
+    load_whole_model(directory, **options)         any checkpoint as one plain, trainable model: adapters folded in
+    whole_model_directory(directory)               the model directory a checkpoint is or adapts (its config's)
     write_adapted(config, lora, state, base, directory)  the adapters {name: tensor} and the reference, into DIR
 """
 
@@ -26,7 +28,7 @@ from ossgpt.checkpoint.files import read_json
 from ossgpt.checkpoint.pretrained import from_pretrained
 from ossgpt.config import GPTOSSConfig
 from ossgpt.errors import UserError
-from ossgpt.lora import LoRAConfig, add_lora, load_adapters, save_adapters
+from ossgpt.lora import LoRAConfig, add_lora, load_adapters, merge_lora, save_adapters
 from ossgpt.lora.files import CONFIG_FILE
 from ossgpt.lora.transform import lora_parameters
 from ossgpt.model import GPTOSS
@@ -66,6 +68,24 @@ def load_adapted(directory: str | Path, base: str | Path | None = None, **option
     except ValueError as err:
         raise UserError(f"{err}: the adapters do not fit the base model {base}") from None
     return model.eval()
+
+
+def load_whole_model(directory: str | Path, **options) -> GPTOSS:
+    """The model of any checkpoint `directory` as one plain model, as from_pretrained gives it (eval mode, every
+    float parameter trainable): a LoRA fine-tune's base with its adapters folded into the weights (merge_lora, as
+    `ossgpt merge` writes it), anything else from_pretrained(directory, **options)."""
+    if not is_adapted(directory):
+        return from_pretrained(directory, **options)
+    model = merge_lora(load_adapted(directory, **options))
+    for param in model.parameters():  # add_lora froze the base, and merging leaves it so
+        param.requires_grad_(param.is_floating_point())
+    return model.eval()
+
+
+def whole_model_directory(directory: str | Path) -> Path:
+    """The model directory whose config.json describes checkpoint `directory`: a LoRA fine-tune's base, else
+    `directory` itself (the adapters change no shape)."""
+    return adapted_base(directory) if is_adapted(directory) else Path(directory)
 
 
 def write_adapted(

@@ -2,6 +2,10 @@
 
 HF stores RoPE settings two ways: transformers 5 writes `rope_parameters` (with `rope_theta` inside), and
 transformers 4 wrote `rope_theta` plus `rope_scaling`. A missing `truncate` means true (HF's default).
+
+HF configs do not name the tokenizer; ossgpt writes its spec as `ossgpt_tokenizer` (transformers keeps unknown
+keys, and writes them back), so that a model on another vocabulary than gpt-oss's (a compact one, whose token table
+is the tokenizer.json beside it) loads with its own. Without it, the tokenizer is gpt-oss's, o200k_harmony.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ DIRECT_FIELDS = {
     "initializer_range": "initializer_range",
     "layer_types": "layer_types",
 }
+TOKENIZER_KEY = "ossgpt_tokenizer"
 # Older HF configs spell a few fields differently.
 HF_SYNONYMS = {"num_local_experts": ("num_experts",), "num_experts_per_tok": ("experts_per_token",)}
 
@@ -76,7 +81,10 @@ def config_from_hf(hf: dict, **overrides) -> GPTOSSConfig:
     eos = _first_id(hf.get("eos_token_id"))
     values["eos_token_id"] = eos if eos is not None and eos < values["vocab_size"] else None
     values["pad_token_id"] = _first_id(hf.get("pad_token_id"))
-    values["tokenizer"] = "o200k_harmony"  # gpt-oss's tokenizer; HF configs do not name it
+    values["tokenizer"] = hf.get(TOKENIZER_KEY, "o200k_harmony")
+    if not isinstance(values["tokenizer"], str):
+        raise UserError(f"config.json: {TOKENIZER_KEY} must be a tokenizer spec (e.g. o200k_harmony), not "
+                        f"{values['tokenizer']!r}")  # fmt: skip
     # router_aux_loss_coef is deliberately not imported: the published 0.9 swamps the LM loss in training.
     values.update(overrides)
     try:
@@ -108,4 +116,5 @@ def config_to_hf(config: GPTOSSConfig) -> dict:
     hf["attention_dropout"] = 0.0
     hf["router_aux_loss_coef"] = config.router_aux_loss_coef
     hf["output_router_logits"] = False
+    hf[TOKENIZER_KEY] = config.tokenizer
     return hf

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -41,10 +42,12 @@ from ossgpt.checkpoint.original import (
 from ossgpt.config import GPTOSSConfig
 from ossgpt.errors import UserError
 from ossgpt.kernels.mxfp4 import dequantize_experts
+from ossgpt.lora.transform import has_lora
 from ossgpt.model import GPTOSS
 from ossgpt.model.rope import RotaryEmbedding
 from ossgpt.options import RuntimeOptions
 from ossgpt.quant.mxfp4 import has_mxfp4_experts, use_mxfp4_experts
+from ossgpt.tokenizer import TOKENIZER_FILE
 
 FORMAT_NAME = "ossgpt"
 FORMAT_VERSION = 1
@@ -234,6 +237,7 @@ def save_pretrained(
     directory: str | Path,
     format: str = "ossgpt",  # noqa: A002
     max_shard_size: int | str | None = None,
+    tokenizer_file: str | Path | None = None,
 ) -> None:
     """Write config.json + weights atomically.
 
@@ -241,9 +245,14 @@ def save_pretrained(
         (keep_mxfp4=True) is written in the published HF MXFP4 layout and needs format="hf".
     max_shard_size: bytes (or "500MB", "5GB", "2GiB") per weight file; larger states are split into
         model-0000i-of-0000N.safetensors with a model.safetensors.index.json, as HF does.
+    tokenizer_file: a tokenizer.json to copy in beside the weights (a compact vocabulary's token table lives there:
+        ossgpt.tokenizer.load_tokenizer reads it from the model's directory).
     """
     if format not in ("ossgpt", "hf"):
         raise ValueError(f"format must be 'ossgpt' or 'hf', got {format!r}")
+    if has_lora(model):  # its state holds adapters that no config.json describes: the folder would not load
+        raise ValueError("the model has LoRA adapters: fold them in first (ossgpt.lora.merge_lora(model)) to save a "
+                         "whole model, or save the adapters alone (ossgpt.lora.save_adapters)")  # fmt: skip
     packed = has_mxfp4_experts(model)
     if packed and format != "hf":
         raise ValueError("a model with MXFP4 experts can only be saved with format='hf' (the published layout)")
@@ -272,6 +281,8 @@ def save_pretrained(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
 
 
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

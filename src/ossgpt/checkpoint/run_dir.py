@@ -10,9 +10,9 @@
                           LoRA fine-tune (`ossgpt sft`), the adapters and a reference to their base instead of the
                           weights (ossgpt.checkpoint.adapted)
 
-Commands that take a checkpoint (`eval`, `generate`, `chat`, `train --init-from`) accept either a model directory
-or a run directory (`resolve_checkpoint`); beside a run's checkpoint they find the run's record (`run_record`):
-the length it trained on and its data folder.
+Commands that take a checkpoint (`eval`, `generate`, `chat`, `serve`, `train --init-from`, `convert`, `merge`) and
+GPTOSSForCausalLM.from_pretrained accept either a model directory or a run directory (`resolve_checkpoint`); beside a
+run's checkpoint they find the run's record (`run_record`): the length it trained on and its data folder.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a model directory or a training run directory")
     raise UserError(
-        f"{path} is not a checkpoint: expected a model directory with config.json (or {ORIGINAL_DIR}/config.json), "
-        f"or a training run directory with {CHECKPOINT}/config.json"
+        f"{path} has no config.json, so it is not a checkpoint: expected a model directory with config.json (or "
+        f"{ORIGINAL_DIR}/config.json), or a training run directory with {CHECKPOINT}/config.json"
     )
 
 

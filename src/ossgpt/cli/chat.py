@@ -3,10 +3,12 @@
     ossgpt chat --checkpoint gpt-oss-20b --reasoning-effort low --show-reasoning
     ossgpt chat --checkpoint runs/demo --temperature 0.8 --top-p 0.95
 
-gpt-oss checkpoints (tokenizer o200k_harmony) chat in the Harmony format: the reply streams as it is generated;
-its chain of thought (the analysis channel) is hidden unless --show-reasoning shows it, dimmed. Models whose
-tokenizer lacks the Harmony tokens (the small cl100k models ossgpt trains) get a plain "User: / Assistant:"
-transcript instead. The KV cache is kept across turns: each turn runs the model on the new tokens only.
+Models whose tokenizer has Harmony's chat tokens chat in the Harmony format: gpt-oss checkpoints (o200k_harmony),
+and the compact-vocabulary models trained here (their vocabulary ends with those tokens; a model learns the format
+from `ossgpt sft`). The reply streams as it is generated; its chain of thought (the analysis channel) is hidden
+unless --show-reasoning shows it, dimmed. Models whose tokenizer lacks those tokens (whole cl100k_base, bytes) get a
+plain "User: / Assistant:" transcript instead. The KV cache is kept across turns: each turn runs the model on the
+new tokens only.
 
 Ctrl-C stops a reply and returns to the prompt; Ctrl-C or Ctrl-D at the prompt quits.
 """

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
-from ossgpt.atomic import atomic_directory
 from ossgpt.checkpoint import save_pretrained
 from ossgpt.checkpoint.adapted import adapted_base, is_adapted, load_adapted
 from ossgpt.checkpoint.pretrained import detect_format
@@ -80,10 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mxfp4:
         note = "; " + repack_experts(model)
     merge_lora(model)
-    with atomic_directory(target) as tmp:
-        save_pretrained(model.eval(), tmp, format=args.format)  # replaces the empty folder
-        if (checkpoint / TOKENIZER_FILE).is_file():  # a compact vocabulary: the model needs its token table
-            shutil.copyfile(checkpoint / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+    tokenizer = checkpoint / TOKENIZER_FILE  # a compact vocabulary: the model needs its token table
+    save_pretrained(model.eval(), target, format=args.format, tokenizer_file=tokenizer if tokenizer.is_file() else None)
     print(
         f"merged {checkpoint} (LoRA rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.targets)}) into {base}:"
         f" wrote {target} ({args.format}, {args.dtype}{', experts MXFP4' if args.mxfp4 else ''}){note}"

@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ossgpt.checkpoint import from_pretrained, load_config
-from ossgpt.checkpoint.adapted import adapted_base, is_adapted, load_adapted
+from ossgpt.checkpoint import load_config
+from ossgpt.checkpoint.adapted import is_adapted, load_adapted, load_whole_model, whole_model_directory
 from ossgpt.checkpoint.pretrained import detect_format
 from ossgpt.checkpoint.run_dir import resolve_checkpoint, run_record
 from ossgpt.devices import resolve_device
 from ossgpt.errors import UserError
 from ossgpt.inference.memory import MemoryPlan, check_memory
 from ossgpt.kernels.native import native
-from ossgpt.lora import merge_lora
 from ossgpt.quant.int8 import Int8Linear, quantize_for_decoding
 from ossgpt.quant.mxfp4 import has_mxfp4_experts
 from ossgpt.tokenizer import load_tokenizer
@@ -98,7 +97,7 @@ def load_model(
     """
     directory = resolve_checkpoint(path)
     adapted = is_adapted(directory)
-    weights = adapted_base(directory) if adapted else directory
+    weights = whole_model_directory(directory)
     device = resolve_device(device)
     packed = detect_format(weights).mxfp4
     keep_mxfp4 = packed and device.type == "cpu" if keep_mxfp4 is None else keep_mxfp4
@@ -120,12 +119,10 @@ def load_model(
     # Not for adapters: they are folded into the weights in place, never into the memory-mapped file.
     as_stored = quantization not in (None, "none") and not adapted
     options = dict(dtype=None if as_stored else dtype, device=device, keep_mxfp4=keep_mxfp4, **config_overrides)
-    if adapted:
+    if adapted and keep_mxfp4:
         model = load_adapted(directory, **options)
-        if not keep_mxfp4:
-            model = merge_lora(model).eval()
     else:
-        model = from_pretrained(directory, **options)
+        model = load_whole_model(directory, **options)
     return quantize(model, quantization, copy=False, dtype=dtype)
 
 
@@ -152,7 +149,7 @@ def context_extension(checkpoint: Path, factor: float | None, no_yarn: bool) -> 
         return {}
     if factor < 1:
         raise UserError(f"--context-extension must be >= 1, got {factor}")
-    config = load_config(checkpoint)
+    config = load_config(whole_model_directory(checkpoint))
     if config.rope_type == "yarn" and config.rope_factor > 1:
         raise UserError(f"this model was trained with YaRN factor {config.rope_factor}; extend models trained with "
                         "plain RoPE")  # fmt: skip

@@ -14,11 +14,13 @@ model instead, e.g. stretched by `--context-extension`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ossgpt.checkpoint import load_config
+from ossgpt.checkpoint.adapted import whole_model_directory
 from ossgpt.checkpoint.run_dir import resolve_checkpoint
 from ossgpt.config import GPTOSSConfig, round_up
 from ossgpt.devices import DTYPES
@@ -54,8 +56,9 @@ class TrainConfig:
         metadata={"help": "change a model config field, e.g. hidden_size=128 (repeatable)", "metavar": "KEY=VALUE"},
     )
     init_from: str = _option(
-        "", "start a new run from the weights of this checkpoint (run or model directory), with a fresh optimizer: "
-        "fine-tuning. The model is the checkpoint's (with --model-override); the data must be in its tokenizer",
+        "", "start a new run from the weights of this checkpoint (run or model directory; a LoRA run's adapters are "
+        "merged into its base), with a fresh optimizer: fine-tuning. The model is the checkpoint's (with "
+        "--model-override); the data must be in its tokenizer",
         metavar="PATH",
     )  # fmt: skip
     context_extension: float | None = _option(
@@ -215,7 +218,8 @@ def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
     overrides = parse_model_overrides(config.model_override)
     if config.init_from:
         checkpoint = resolve_checkpoint(config.init_from)  # its model, with YaRN set for --context-extension
-        model = load_config(checkpoint, **context_extension(checkpoint, config.context_extension, no_yarn=False))
+        extension = context_extension(checkpoint, config.context_extension, no_yarn=False)
+        model = load_config(whole_model_directory(checkpoint), **extension)  # a LoRA run's: its base's
         if data_tokenizer != model.tokenizer or not same_tokenizer_file(config.data, checkpoint):
             raise UserError(
                 f"{config.data} is tokenized with another vocabulary ({data_tokenizer}) than {checkpoint} "
@@ -256,10 +260,23 @@ def model_config_for(config: TrainConfig, meta: dict) -> GPTOSSConfig:
 
 
 def same_tokenizer_file(data: str, checkpoint: Path) -> bool:
-    """Whether a data folder and a checkpoint hold the same tokenizer.json (a corpus-fitted vocabulary is only
-    the same if its token table is); True when either has none (a named tokenizer, e.g. cl100k_base)."""
-    files = [Path(data) / TOKENIZER_FILE, checkpoint / TOKENIZER_FILE]
-    return not all(f.is_file() for f in files) or files[0].read_bytes() == files[1].read_bytes()
+    """Whether a data folder and a checkpoint hold the same ossgpt tokenizer.json, where that decides it: a
+    corpus-fitted vocabulary is only the same if its token table is. A named tokenizer (e.g. o200k_harmony) is
+    the one the configs name, compared apart; a checkpoint's tokenizer.json may then be another program's (a
+    Hugging Face download's). True too when the checkpoint has none."""
+    data_state = _ossgpt_tokenizer_state(Path(data) / TOKENIZER_FILE)
+    if not (checkpoint / TOKENIZER_FILE).is_file() or data_state is None or set(data_state) == {"spec"}:
+        return True
+    return data_state == _ossgpt_tokenizer_state(checkpoint / TOKENIZER_FILE)
+
+
+def _ossgpt_tokenizer_state(path: Path) -> dict | None:
+    """The saved state of an ossgpt tokenizer.json (a JSON object with its "spec"), or None if `path` is not one."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("spec"), str) else None
 
 
 def parse_model_overrides(items: list[str]) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ossgpt.checkpoint import from_pretrained, load_config
+from ossgpt.checkpoint.adapted import load_whole_model
 from ossgpt.checkpoint.run_dir import TRAIN_CONFIG, checkpoint_dir, resolve_checkpoint
 from ossgpt.data.prepare import read_meta
 from ossgpt.devices import DTYPES, resolve_dtype
@@ -204,9 +205,9 @@ class Trainer:
         device, options = self.ctx.device, self.config.runtime_options
         if resumed:
             model = from_pretrained(checkpoint_dir(self.run_dir), device=device, options=options)
-        elif self.config.init_from:  # a fine-tune: the checkpoint's weights in this run's model config
-            model = from_pretrained(resolve_checkpoint(self.config.init_from), device=device, options=options,
-                                    **self.model_config.to_dict())  # fmt: skip
+        elif self.config.init_from:  # a fine-tune: the checkpoint's weights (a LoRA run's merged) in this run's config
+            model = load_whole_model(resolve_checkpoint(self.config.init_from), device=device, options=options,
+                                     **self.model_config.to_dict())  # fmt: skip
         else:
             torch.manual_seed(self.config.seed)  # every process initialises the same weights
             with torch.device(device):
