@@ -288,7 +288,12 @@ def sft_data(path: Path, conversations: int = 400) -> Path:
 def measure_lora(args, directory: Path) -> dict:
     """LoRA fine-tuning through `ossgpt sft` in its own process (rank 8 on attention and every expert, experts kept
     packed in MXFP4, activations recomputed): peak RSS and the seconds the last of --lora-steps steps took per 1k
-    tokens (the first steps include warming up)."""
+    tokens (the first steps include warming up). Two steps or more include the AdamW moments, which the first step
+    creates only after its backward pass, in the peak.
+
+    How `ossgpt sft` holds the base (training.sft.hold_frozen_base): the embedding and the LM head in bfloat16 as
+    stored (mapped from the checkpoint's file, their touched pages counted in RSS), the rest in float32; the packed
+    experts in process memory. Freed blocks of 1 MiB and more go back to the system at once (training.host_memory)."""
     run = args.cache / f"sft-bench-{args.layers}L"
     command = [sys.executable, "-m", "ossgpt", "sft", "--checkpoint", str(directory),
                "--data", str(sft_data(args.cache / "sft-bench.jsonl")), "--out", str(run), "--force",
@@ -527,8 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.lora:
         result = measure_lora(args, directory)
         print(f"CPU: {machine()}; {args.layers} layers; `ossgpt sft`, LoRA rank 8 on attention and every expert, "
-              f"experts packed in MXFP4, float32 compute, activations recomputed; batch 1 x {args.lora_tokens} "
-              "tokens\n")  # fmt: skip
+              f"experts packed in MXFP4, embedding and LM head bf16, float32 compute, activations recomputed; "
+              f"batch 1 x {args.lora_tokens} tokens, {args.lora_steps} steps\n")  # fmt: skip
         print("| peak RSS (GB) | seconds per 1k tokens |\n| ---: | ---: |")
         print(f"| {result['peak_rss'] / 1e9:.1f} | {result['seconds_per_1k']:.0f} |")
         return

@@ -5,9 +5,11 @@
   grouped_mm expert matmuls         vs  a loop over the experts' slices; sorted MoE vs the per-expert loop
   int8 weight-only decoding         vs  float matmuls with the same (dequantized) weights
   int8 dynamic (W8A8) LM head       vs  float64 products of the same integers, times the same scales
+  input-major float32 weights       vs  the row-major model (logits; cached decoding vs its full forward)
 and the benchmark script's smoke mode. Speed itself is measured by bench/run.py, never here.
 """
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM, RuntimeOptions
+from ossgpt.inference.generate import generate
+from ossgpt.inference.loading import hold_input_major
 from ossgpt.kernels import attention as attention_kernels
 from ossgpt.kernels import experts as expert_kernels
 from ossgpt.kernels.attention import sdpa_attention
 from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
 from ossgpt.kernels.int8 import int8_dynamic_linear, int8_mm_available, int_mm_available, quantize_int8, quantize_rows
 from ossgpt.kernels.loss import linear_cross_entropy
+from ossgpt.model import GPTOSS
 from ossgpt.model.attention import allowed_keys, eager_attention
 from ossgpt.model.moe import Experts, MoE, load_balancing_loss, router_z_loss
 from ossgpt.quant.int8 import Int8Experts, Int8Linear, quantize_for_decoding
@@ -114,6 +119,32 @@ def test_chunked_cross_entropy_under_bf16_autocast():
         results.append((loss.detach(), xg.grad, wg.grad))
     for a, b in zip(*results):
         assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_chunked_cross_entropy_widens_a_narrower_weight_a_slice_at_a_time(monkeypatch):
+    """A frozen bfloat16 head under float32 products (LoRA's, training.sft.hold_frozen_base): the loss and input
+    gradient of its float32 copy, that copy never formed whole (slices of 3 rows here), nor a [V, H] gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):  # the float32 shape of every tensor any op makes
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(t.shape for t in torch.utils._pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.dtype == torch.float32)  # fmt: skip
+            return out
+
+    monkeypatch.setattr("ossgpt.kernels.loss.WIDEN_BYTES", 3 * 16 * 4)  # 3 float32 rows of 16
+    torch.manual_seed(0)
+    x, w = torch.randn(23, 16), (torch.randn(50, 16) * 0.3).bfloat16()
+    labels = torch.randint(0, 50, (23,))
+    labels[[0, 4]] = -100
+    ref, (ref_grad,) = grads_of(lambda x: plain_linear_cross_entropy(x, w.float(), labels), x)
+    made = []
+    with Shapes():
+        out, (grad,) = grads_of(lambda x: linear_cross_entropy(x, w, labels, chunk_size=5), x)
+    assert_close(out, ref)
+    assert_close(grad, ref_grad)
+    assert (3, 16) in made and w.shape not in made
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -428,6 +459,30 @@ def test_quantized_model_cached_decoding_matches_its_full_forward(dynamic):
 
 # ---------------------------------------------------------------------------------------------- bench smoke run
 @pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_input_major_weights_are_the_same_model(tied):
+    """inference.loading.hold_input_major: every float32 linear weight keeps its shape, values and parameter (a tied
+    head stays tied), stored transposed; the logits are the row-major model's up to float32 summation order, and
+    cached greedy decoding of a batch with 4 to 15 rows (where the layout matters) equals its own full forward."""
+    torch.manual_seed(0)
+    model = GPTOSS(small_config(tie_word_embeddings=tied)).eval()
+    reference = copy.deepcopy(model)
+    before = {name: p for name, p in model.named_parameters()}
+    hold_input_major(model)
+    for name, param in model.named_parameters():
+        assert param is before[name] and torch.equal(param, reference.get_parameter(name))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 97, (5, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    out = generate(model, ids, max_new_tokens=6, temperature=0)
+    with torch.no_grad():
+        full = model(out[:, :-1]).logits[:, ids.shape[1] - 1 :].argmax(-1)
+    assert torch.equal(out[:, ids.shape[1] :], full)
+
+
 def test_bench_quick_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "bench" / "run.py"), "--quick", "--json", str(tmp_path / "b.json")]

@@ -29,6 +29,7 @@ from ossgpt.lora import (
     requantize_error,
     save_adapters,
 )
+from ossgpt.lora import packed as packed_module
 from ossgpt.lora.experts import LoRAExperts
 from ossgpt.lora.linear import LoRALinear, LoRARouter
 from ossgpt.lora.packed import packed_linear
@@ -307,6 +308,22 @@ def test_packed_linear_backward_equals_autograd_through_the_dequantized_weight()
     torch.testing.assert_close(y1, y2, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-14, atol=1e-14)
     assert torch.autograd.gradcheck(lambda x: packed_linear(x, blocks, scales), (x.requires_grad_(),), fast_mode=True)
+
+
+def test_packed_products_of_one_shape_share_one_buffer_and_stay_right():
+    """Every product dequantizes into the one buffer kept for its weight's shape: a second weight's forward pass
+    overwrites the first's dense weight, and the first's backward pass, which dequantizes again, is still right."""
+    (blocks_a, scales_a), (blocks_b, scales_b) = packed_weight(seed=0), packed_weight(seed=1)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = packed_linear(xa, blocks_a, scales_a), packed_linear(xb, blocks_b, scales_b)
+    (ya.sum() + 2 * yb.sum()).backward()
+    wa, wb = dequantize(blocks_a, scales_a), dequantize(blocks_b, scales_b)
+    torch.testing.assert_close(ya, x @ wa.T)
+    torch.testing.assert_close(yb, x @ wb.T)
+    torch.testing.assert_close(xa.grad, torch.ones(5, 48) @ wa)
+    torch.testing.assert_close(xb.grad, 2 * torch.ones(5, 48) @ wb)
+    assert [key for key in packed_module._BUFFERS if key[0] == tuple(scales_a.shape)] == [(scales_a.shape, x.device)]
 
 
 def test_packed_linear_under_autocast_computes_as_autocast_would():

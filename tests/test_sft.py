@@ -8,6 +8,7 @@ ranks (no download); `ossgpt` runs in-process through `ossgpt.cli.main`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,14 +31,14 @@ from ossgpt.errors import UserError
 from ossgpt.inference.loading import load_model
 from ossgpt.kernels.loss import IGNORE_INDEX
 from ossgpt.kernels.mxfp4 import dequantize_experts
-from ossgpt.lora import lora_parameters
+from ossgpt.lora import LoRAConfig, add_lora, lora_parameters
 from ossgpt.lora.experts import LoRAExperts
 from ossgpt.model.model import next_token_loss
 from ossgpt.quant.mxfp4 import pack_experts
 from ossgpt.tokenizer import CompactTokenizer, HarmonyTokenizer
 from ossgpt.training import distributed
 from ossgpt.training import sft_data as sft_data_module
-from ossgpt.training.sft import SFTConfig, SFTTrainer
+from ossgpt.training.sft import SFTConfig, SFTTrainer, hold_frozen_base
 from ossgpt.training.sft_data import (
     Example,
     SFTBatches,
@@ -406,6 +407,37 @@ def test_lora_on_a_packed_base_keeps_its_experts_packed(tmp_path, tokenizer, fak
     assert main(["merge", "--checkpoint", str(run), "--out", str(tmp_path / "repacked"), "--format", "hf",
                  "--mxfp4"]) == 0  # fmt: skip
     assert "times the size of the fine-tuning's update" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tokens", [(3, 300), ()], ids=["token rows", "no token rows"])
+def test_a_held_base_keeps_its_table_and_head_narrow_and_trains_as_in_float32(tokenizer, tokens):
+    """hold_frozen_base on a bfloat16 base with an untied head: the embedding table and the LM head stay bfloat16,
+    every other weight becomes float32, no logits buffer is kept between steps; the adapted model's loss, gradients
+    (adapters and token rows) and logits are those of the same base wholly in float32."""
+    narrow = tiny_model(tokenizer).to(torch.bfloat16)
+    wide = copy.deepcopy(narrow).float()
+    hold_frozen_base(narrow)
+    config = LoRAConfig(rank=2, tokens=tokens)
+    results = []
+    for model in (narrow, wide):
+        add_lora(model, config)
+        with torch.no_grad():
+            for _, param in lora_parameters(model):  # B and the rows start at zero: make every gradient flow
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+        loss = model.train()(IDS, labels=IDS, return_logits=False).loss
+        loss.backward()
+        with torch.no_grad():
+            logits = model.eval()(IDS).logits
+        results.append((loss.detach(), logits, [param.grad for _, param in lora_parameters(model)]))
+    assert narrow.embed_tokens.weight.dtype == narrow.lm_head.weight.dtype == torch.bfloat16
+    narrow_weights = ("embed_tokens.weight", "lm_head.weight")
+    assert all(p.dtype == torch.float32 for name, p in narrow.named_parameters() if name not in narrow_weights)
+    assert narrow.loss_workspace is None
+    (loss, logits, grads), (wide_loss, wide_logits, wide_grads) = results
+    torch.testing.assert_close(loss, wide_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits, wide_logits, rtol=1e-6, atol=1e-6)
+    for grad, wide_grad in zip(grads, wide_grads, strict=True):
+        torch.testing.assert_close(grad, wide_grad, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     keep_mxfp4 = args.mxfp4 and detect_format(base).mxfp4
     model = load_adapted(checkpoint, base=base, dtype=dtype, keep_mxfp4=keep_mxfp4)
     lora = lora_config(model)
+    rows = f", and the rows of {len(lora.tokens)} tokens" if lora.tokens else ""
     note = ""
     if args.mxfp4:
         note = "; " + repack_experts(model)
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = checkpoint / TOKENIZER_FILE  # a compact vocabulary: the model needs its token table
     save_pretrained(model.eval(), target, format=args.format, tokenizer_file=tokenizer if tokenizer.is_file() else None)
     print(
-        f"merged {checkpoint} (LoRA rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.targets)}) into {base}:"
+        f"merged {checkpoint} (LoRA rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.targets)}{rows}) into "
+        f"{base}:"
         f" wrote {target} ({args.format}, {args.dtype}{', experts MXFP4' if args.mxfp4 else ''}){note}"
     )
     return 0

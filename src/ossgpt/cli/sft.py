@@ -1,6 +1,7 @@
 """`ossgpt sft --checkpoint BASE --data FILE.jsonl --out RUN_DIR`: fine-tune a model on conversations, to chat.
 
     ossgpt sft --checkpoint runs/demo --data chats.jsonl --out runs/chat            # LoRA, rank 8, alpha 16
+    ossgpt sft --checkpoint runs/demo --data chats.jsonl --out runs/chat --lora-tokens none  # no embedding rows
     ossgpt sft --checkpoint gpt-oss-20b --data chats.jsonl --out runs/20b --lora-rank 16 --lora-alpha 32 \\
         --lora-targets q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj,router
     ossgpt sft --checkpoint runs/demo --data chats.jsonl --out runs/chat-full --full --learning-rate 1e-4
@@ -8,6 +9,9 @@
     ossgpt sft --checkpoint runs/demo --show chats.jsonl | less                     # what the model is taught
     ossgpt chat --checkpoint runs/chat                  # a LoRA run loads as its base with the adapters
     ossgpt merge --checkpoint runs/chat --out chat-model --format hf
+
+LoRA trains the embedding rows of Harmony's special tokens beside the adapters (--lora-tokens harmony, the
+default; ossgpt.lora.tokens): a base pretrained on plain text never saw them.
 
 Every flag but --show is a field of SFTConfig (ossgpt.training.sft), generated from it as `ossgpt train`'s flags
 are from TrainConfig. --show prints each conversation of a file as training renders it, the supervised tokens

@@ -123,7 +123,23 @@ def load_model(
         model = load_adapted(directory, **options)
     else:
         model = load_whole_model(directory, **options)
-    return quantize(model, quantization, copy=False, dtype=dtype)
+    model = quantize(model, quantization, copy=False, dtype=dtype)
+    if device.type == "cpu":
+        hold_input_major(model)
+    return model
+
+
+@torch.no_grad()
+def hold_input_major(model: torch.nn.Module) -> None:
+    """Hold every float32 nn.Linear weight [out, in] of `model` input-major in memory: the same matrix (shape,
+    values, parameter), stored as its transpose [in, out] and seen through a transposed view. F.linear then asks
+    the BLAS for x @ W with W untransposed. On the CPU, MKL's float32 product with a transposed weight streams the
+    whole weight once per 3 rows when x has 4 to 15 rows (a decode step of a partial batch; BENCHMARKS.md,
+    "Serving"), where the untransposed one reads it once at every row count and is as fast for long prompts. A
+    tied embedding table shares the layout: a lookup reads its row strided, a cost per token, not per weight."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def load_model_and_tokenizer(path: str | Path, *args, vocab_file: str | Path | None = None, **options):

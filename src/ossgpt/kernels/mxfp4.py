@@ -30,6 +30,7 @@ from ossgpt.kernels.native import native
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK_SIZE = 32  # values per shared scale
 SCALE_BIAS = 127
+INDEX_BYTES = 1 << 16  # bytes `dequantize` turns into lookup indices at a time on CPU
 
 
 def check_packed(blocks: torch.Tensor, scales: torch.Tensor) -> None:
@@ -43,17 +44,36 @@ def check_packed(blocks: torch.Tensor, scales: torch.Tensor) -> None:
         )
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """blocks [..., G, 16], scales [..., G] (uint8) -> values [..., G * 32] in `dtype`.
 
-    Exact in float32 and bfloat16 (an FP4 value has 2 significant bits) for every scale those dtypes can represent.
+    out: a float32 tensor [..., G * 32] (contiguous) to write the values into, instead of a new one; it is what is
+    returned when dtype is float32.
+
+    Exact in float32 and bfloat16 (an FP4 value has 2 significant bits) for every scale those dtypes can represent
+    (scale 255, NaN in the OCP format, gives NaN or inf). Each byte is looked up once in a table of its two values,
+    INDEX_BYTES bytes at a time on CPU (a lookup wants int32 indices: converted all at once, they would be a temporary
+    half the size of the result), and the scales are multiplied in place: few passes over the values and no
+    temporary the size of the weight, which matters where experts are dequantized again at every training step
+    (ossgpt.lora.packed).
     """
     check_packed(blocks, scales)
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).int()  # [..., G, 16, 2]: low nibble first
-    values = lut[codes].flatten(-2)  # [..., G, 32]
-    exponents = scales.int()[..., None] - SCALE_BIAS
-    return torch.ldexp(values, exponents).flatten(-2).to(dtype)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    byte = torch.arange(256)
+    pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1).to(blocks.device)  # [256, 2]: low nibble first
+    powers = torch.tensor([2.0 ** (e - SCALE_BIAS) for e in range(256)], dtype=torch.float32, device=blocks.device)
+    if out is None:
+        out = torch.empty(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE, dtype=torch.float32, device=blocks.device)
+    values = out.view(*scales.shape, BLOCK_SIZE)  # [..., G, 32]
+    flat_bytes, flat_pairs = blocks.reshape(-1), values.view(-1, 2)
+    step = INDEX_BYTES if blocks.device.type == "cpu" else max(1, flat_bytes.numel())  # an accelerator: one launch
+    for start in range(0, flat_bytes.numel(), step):
+        part = slice(start, start + step)
+        torch.index_select(pairs, 0, flat_bytes[part].int(), out=flat_pairs[part])
+    values *= powers[scales.int()][..., None]
+    return values.flatten(-2).to(dtype)
 
 
 def quantize_mxfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,11 +16,13 @@ adapted twins that hold the base's own tensors under the base's own names.
     linear.py      LoRALinear (attention projections), LoRARouter
     experts.py     LoRAExperts: one adapter per expert on gate_up and on down, dense or MXFP4-packed base
     packed.py      packed_linear: a product through a frozen MXFP4 weight that keeps no dense copy for backward
+    tokens.py      TokenEmbedding, TokenHead: chosen tokens' embedding (and LM head) rows, trained beside them
     transform.py   add_lora, lora_parameters, adapter_state_dict, merge_lora
     requantize.py  requantize_error: packing merged experts back into MXFP4, and what that rounding costs
     files.py       save_adapters, load_adapters
 
     model = add_lora(model, LoRAConfig(rank=16, alpha=32))        # the base frozen; adapters on every layer
+    # (LoRAConfig(..., tokens=(200005, 200008)): those tokens' embedding and LM head rows train too)
     optimizer = torch.optim.AdamW([p for _, p in lora_parameters(model)])
     ...
     save_adapters(model, "run/adapters")                        # or merge_lora(model), then save it whole

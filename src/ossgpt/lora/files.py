@@ -2,6 +2,7 @@
 
     adapter.safetensors    the adapters only ({name: tensor}, as adapter_state_dict names them), in their dtype
     adapter_config.json    {"lora": LoRAConfig.to_dict(), "sites": {site name: shape of the weight it adapts}}
+                           (the token ids whose rows train are LoRAConfig's `tokens`)
 
 The sites (ossgpt.lora.transform) describe the base: loading onto a model whose sites differ (another width, depth
 or expert count) is refused before anything changes, naming the first difference.
@@ -28,7 +29,7 @@ CONFIG_FILE = "adapter_config.json"
 def save_adapters(model: nn.Module, directory: str | Path) -> None:
     """Write the adapters of an adapted model to `directory` (which appears whole or not at all)."""
     config = lora_config(model)
-    sites = base_sites(model, config.targets)
+    sites = base_sites(model, config.targets, config.tokens)
     tensors = {name: t.cpu().contiguous() for name, t in adapter_state_dict(model).items()}
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
@@ -46,7 +47,10 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
     if not (directory / CONFIG_FILE).is_file() or not (directory / ADAPTER_FILE).is_file():
         raise ValueError(f"{directory}: not an adapter folder (save_adapters writes {CONFIG_FILE} and {ADAPTER_FILE})")
     config, saved_sites = _read_config(directory / CONFIG_FILE)
-    sites = base_sites(model, config.targets)
+    try:
+        sites = base_sites(model, config.targets, config.tokens)
+    except ValueError as e:  # e.g. a token id past this model's vocabulary
+        raise ValueError(f"{directory}: {e}") from None
     for name, shape in saved_sites.items():
         if name not in sites:
             raise ValueError(f"{directory}: the adapters adapt {name}, which this model does not have")
@@ -60,7 +64,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
         tensors = load_file(directory / ADAPTER_FILE)
     except SafetensorError as e:
         raise ValueError(f"{directory / ADAPTER_FILE}: unreadable ({e})") from None
-    expected = adapter_shapes(sites, config.rank)
+    expected = adapter_shapes(sites, config.rank, len(config.tokens))
     for name, shape in expected.items():
         if name not in tensors:
             raise ValueError(f"{directory / ADAPTER_FILE}: missing tensor {name!r} that its config implies")

@@ -10,6 +10,11 @@ dequantizes once more in the backward pass, for grad_x = grad_y W. There is no g
 frozen (ossgpt.lora), only the adapters beside it train.
 
 The native CPU kernels that `mxfp4_linear` uses for inference have no backward; this is the product to train with.
+
+The dense weight lives only for the product that needs it, so every product dequantizes into one float32 buffer
+kept for the weight's shape (`_dense`): allocated afresh, each would be paged in anew, three times per expert and
+step (66 MB for a gate_up projection of gpt-oss-20b). Not thread-safe: one training thread per process, as the
+chunked loss's workspace.
 """
 
 from __future__ import annotations
@@ -17,13 +22,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ossgpt.kernels.mxfp4 import dequantize
+from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}  # (scales' shape, device) -> the float32 buffer `_dense` dequantizes into
 
 
 def packed_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., in] times the MXFP4 rows blocks [out, in/32, 16], scales [out, in/32] -> [..., out], in the matmul
     dtype (the autocast dtype under autocast, else x's); differentiable with respect to x only."""
     return _PackedLinear.apply(x, blocks, scales)
+
+
+def _dense(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [out, in] that blocks and scales hold, in dtype, dequantized into the buffer kept for its shape:
+    valid until the next call."""
+    key = (tuple(scales.shape), blocks.device)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = torch.empty(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE, device=blocks.device)
+    return dequantize(blocks, scales, dtype, out=_BUFFERS[key])
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -34,11 +50,11 @@ class _PackedLinear(torch.autograd.Function):
         ctx.save_for_backward(blocks, scales)  # the packed tensors only: never the dense weight
         ctx.dtype, ctx.input_dtype = dtype, x.dtype
         with torch.autocast(device, enabled=False):  # the dtype is chosen above, the same way in both passes
-            return F.linear(x.to(dtype), dequantize(blocks, scales, dtype))
+            return F.linear(x.to(dtype), _dense(blocks, scales, dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         blocks, scales = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
-            grad_x = grad_out.to(ctx.dtype) @ dequantize(blocks, scales, ctx.dtype)  # [..., out] @ [out, in]
+            grad_x = grad_out.to(ctx.dtype) @ _dense(blocks, scales, ctx.dtype)  # [..., out] @ [out, in]
         return grad_x.to(ctx.input_dtype), None, None

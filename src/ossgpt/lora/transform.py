@@ -3,13 +3,15 @@
     add_lora(model, config)      every targeted module replaced by its adapted twin, the base frozen (in place)
     lora_parameters(model)       [(name, parameter)] of the adapters: what an optimizer gets
     adapter_state_dict(model)    {name: tensor} of the adapters, e.g. "layers.0.self_attn.q_proj.lora_A",
-                                 "layers.0.mlp.experts.gate_up_proj_lora_B"
+                                 "layers.0.mlp.experts.gate_up_proj_lora_B", "embed_tokens.tokens.delta"
     merge_lora(model)            the plain model again, every update folded into its weight (in place)
 
 A *site* is one adapted weight of the base, named as the base names it ("layers.0.self_attn.q_proj",
 "layers.0.mlp.router", "layers.0.mlp.experts.down_proj"), with the shape of the weight it adapts in the base's
 layout: [out, in] for a linear map, [E, in, out] for experts (whether stored dense or packed). An adapter fits
 any base with the same sites: one trained on a packed base loads onto the dense one, and the other way round.
+With LoRAConfig.tokens, the embedding table is a site too ("embed_tokens", [V, H]), and an untied LM head
+("lm_head", [V, H]): its rows of those tokens train (ossgpt.lora.tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from torch import nn
 from ossgpt.lora.config import ATTENTION_TARGETS, EXPERT_TARGETS, LORA_TARGETS, LoRAConfig
 from ossgpt.lora.experts import LoRAExperts, expert_weight_shape
 from ossgpt.lora.linear import LoRALinear, LoRARouter
+from ossgpt.lora.tokens import TokenEmbedding, TokenHead, add_token_rows, merge_token_rows, token_ids
 
 ADAPTED = (LoRALinear, LoRARouter, LoRAExperts)
+TOKEN_SITES = ("embed_tokens", "lm_head")  # the modules whose rows of LoRAConfig.tokens train
 
 
 def add_lora(model: nn.Module, config: LoRAConfig, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
@@ -30,10 +34,10 @@ def add_lora(model: nn.Module, config: LoRAConfig, seed: int = 0, dtype: torch.d
     Every base parameter gets requires_grad False: only the adapters train. B starts at zero, so the adapted model
     computes exactly what the base does; A is drawn from a generator seeded with `seed` (the same adapters for the
     same seed, on any device). dtype: the adapters' (default: the base's); float32 adapters on a bfloat16 base
-    run under autocast."""
+    run under autocast. config.tokens' rows of the embedding (and LM head) train too, from zero deltas."""
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge_lora(model) first, or start from a fresh base")
-    base_sites(model, config.targets)  # raises, before anything changes, on modules that cannot be adapted
+    base_sites(model, config.targets, config.tokens)  # raises, before anything changes, on what cannot be adapted
     for param in model.parameters():
         param.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
@@ -48,16 +52,19 @@ def add_lora(model: nn.Module, config: LoRAConfig, seed: int = 0, dtype: torch.d
         projections = tuple(name for name in EXPERT_TARGETS if name in config.targets)
         if projections:
             moe.experts = LoRAExperts(moe.experts, model.config, rank, alpha, projections, generator, dtype)
+    if config.tokens:
+        add_token_rows(model, config.tokens, dtype)
     return model
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(module, ADAPTED) for module in model.modules())
+    return any(isinstance(module, (*ADAPTED, TokenEmbedding, TokenHead)) for module in model.modules())
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The adapters' parameters with their names in the model's state dict, in the model's order."""
-    return [(name, p) for name, p in model.named_parameters() if name.endswith(("lora_A", "lora_B"))]
+    """The adapters' parameters (and trained token rows) with their names in the model's state dict, in the model's
+    order; a tied embedding and LM head's rows once, under the embedding's name."""
+    return [(name, p) for name, p in model.named_parameters() if name.endswith(("lora_A", "lora_B", "tokens.delta"))]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +80,7 @@ def lora_config(model: nn.Module) -> LoRAConfig:
     targets = {name for name in adapted if name != "experts"}  # q_proj, ..., router
     targets |= set(getattr(adapted.get("experts"), "projections", ()))
     first = next(iter(adapted.values()))
-    return LoRAConfig(rank=first.lora_rank, alpha=first.lora_alpha, targets=tuple(targets))
+    return LoRAConfig(rank=first.lora_rank, alpha=first.lora_alpha, targets=tuple(targets), tokens=token_ids(model))
 
 
 @torch.no_grad()
@@ -81,7 +88,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and remove it: `model` is a plain GPTOSS again (in place).
 
     Packed MXFP4 experts become dense `Experts` (dequantized to their biases' dtype, plus the update); to pack
-    them again, see `requantize_error`. The base parameters stay frozen (requires_grad False)."""
+    them again, see `requantize_error`. Trained token rows are added to the embedding's (and LM head's) rows. The
+    base parameters stay frozen (requires_grad False)."""
+    merge_token_rows(model)
     for layer in model.layers:
         attention, moe = layer.self_attn, layer.mlp
         for name in ATTENTION_TARGETS:
@@ -94,9 +103,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def base_sites(model: nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, tuple[int, ...]]:
-    """{site name: shape of the weight it adapts} for `targets` in every layer (see the module doc); the same for
-    the base and for the model adapted on it. ValueError names the first module that cannot be adapted."""
+def base_sites(
+    model: nn.Module, targets: tuple[str, ...] = LORA_TARGETS, tokens: tuple[int, ...] = ()
+) -> dict[str, tuple[int, ...]]:
+    """{site name: shape of the weight it adapts} for `targets` in every layer, and the embedding and untied LM
+    head when `tokens` has ids (see the module doc); the same for the base and for the model adapted on it.
+    ValueError names the first module that cannot be adapted, or a token id outside the vocabulary."""
     sites = {}
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}."
@@ -116,15 +128,36 @@ def base_sites(model: nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> dic
                     raise ValueError(f"{prefix}mlp.experts is a {type(layer.mlp.experts).__name__}: LoRA adapts dense "
                                      "or MXFP4-packed experts only")  # fmt: skip
                 sites[f"{prefix}mlp.experts.{name}"] = shape
+    if tokens:
+        sites.update(token_sites(model, tokens))
     return sites
 
 
-def adapter_shapes(sites: dict[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
+def token_sites(model: nn.Module, tokens: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """{"embed_tokens": [V, H]}, and "lm_head" too when it is not tied to the embedding; ValueError for a token id
+    outside the vocabulary or an LM head that is not a float nn.Linear."""
+    embedding, head = model.embed_tokens, model.lm_head
+    vocab = embedding.weight.shape[0]
+    if max(tokens) >= vocab:
+        raise ValueError(f"token id {max(tokens)} is outside the model's vocabulary of {vocab} ids")
+    if not isinstance(head, (nn.Linear, TokenHead)):
+        raise ValueError(f"lm_head is a {type(head).__name__}, not an nn.Linear: adapt the float model, not one "
+                         "quantized for decoding")  # fmt: skip
+    sites = {"embed_tokens": tuple(embedding.weight.shape)}
+    if head.weight is not embedding.weight:
+        sites["lm_head"] = tuple(head.weight.shape)
+    return sites
+
+
+def adapter_shapes(sites: dict[str, tuple[int, ...]], rank: int, tokens: int = 0) -> dict[str, tuple[int, ...]]:
     """{adapter tensor name: shape} that add_lora creates at these sites: A [r, in] and B [out, r] beside a linear
-    map's weight [out, in]; A [E, in, r] and B [E, r, out] beside experts' [E, in, out]."""
+    map's weight [out, in]; A [E, in, r] and B [E, r, out] beside experts' [E, in, out]; delta [tokens, H] beside
+    the embedding table's or LM head's [V, H]."""
     shapes = {}
     for site, shape in sites.items():
-        if len(shape) == 2:
+        if site in TOKEN_SITES:
+            shapes[f"{site}.tokens.delta"] = (tokens, shape[1])
+        elif len(shape) == 2:
             out_features, in_features = shape
             shapes[f"{site}.lora_A"], shapes[f"{site}.lora_B"] = (rank, in_features), (out_features, rank)
         else:

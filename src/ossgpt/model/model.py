@@ -182,8 +182,11 @@ class GPTOSS(nn.Module):
         if not self.options.loss_chunk_size:
             return next_token_loss(self.lm_head(x), labels)
         hidden = x[:, :-1].reshape(-1, x.shape[-1])  # position t predicts labels[t + 1]
+        # A head adapted from outside may train a few rows beside its frozen weight (ossgpt.lora.tokens): it gives
+        # them as `rows`, (ids, delta), which the kernel adds; a plain nn.Linear has none.
+        rows = getattr(self.lm_head, "rows", None)
         return linear_cross_entropy(hidden, self.lm_head.weight, labels[:, 1:].reshape(-1),
-                                    self.options.loss_chunk_size, workspace=self.loss_workspace)  # fmt: skip
+                                    self.options.loss_chunk_size, workspace=self.loss_workspace, rows=rows)  # fmt: skip
 
     def aux_loss(self, stats: list[RouterStats]) -> torch.Tensor:
         """Config-weighted load-balancing + z-loss, averaged over layers (so coefficients do not scale with depth)."""

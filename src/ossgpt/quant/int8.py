@@ -104,6 +104,23 @@ class StoredEmbedding(nn.Module):
         return F.embedding(ids, self.weight).to(self.dtype)
 
 
+class StoredLinear(nn.Linear):
+    """A frozen nn.Linear whose weight stays in the dtype it was stored in (bfloat16 for gpt-oss), each product in
+    `dtype`: x [..., in] -> [..., out]. Held so for LoRA training (training.sft.hold_frozen_base), an LM head is only
+    multiplied by in the chunked loss, which reads `.weight` and widens it a slice of rows at a time
+    (ossgpt.kernels.loss); calling the module (all the logits) widens the whole weight for that product."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(self.dtype), self.bias)
+
+
 @torch.no_grad()
 def quantize_for_decoding(
     model: nn.Module, dynamic: bool = False, copy: bool = True, dtype: torch.dtype | None = None

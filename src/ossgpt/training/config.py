@@ -121,7 +121,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _option(False, "recompute block activations in the backward pass (less memory)")
     keep_freed_memory: bool = _option(
         True, "on CPU (glibc): keep freed memory for reuse, so each step's big tensors are not paged in again "
-        "(faster, steadier steps; the process stays at its peak memory)",
+        "(faster, steadier steps; the process stays at its peak memory); off: blocks of 1 MiB and more go back to "
+        "the system as soon as they are freed (less memory)",
     )  # fmt: skip
     device: str = _option("auto", f"where to train: {', '.join(DEVICES)} (auto: cuda if available)", metavar="DEVICE")
     distributed: str = _option("none", f"data parallelism under torchrun: {', '.join(DISTRIBUTED)}", metavar="MODE")

@@ -9,9 +9,11 @@ checkpoints, DDP/FSDP2 under torchrun); `SFTTrainer` changes what it trains on a
   data    training.sft_data: conversations rendered in Harmony with a loss mask on the assistant's tokens,
           packed into windows of --seq-len; the held-out loss is the mean over held-out assistant tokens
   model   the base checkpoint's, in its tokenizer, which must have Harmony's special tokens. With LoRA (the
-          default, ossgpt.lora) the base is frozen and only the adapters train (and sit in the optimizer); a base
-          with MXFP4 experts keeps them packed, the expert adapters training through them. --full trains every
-          weight of the dense model (MXFP4 experts are dequantized: there is no gradient through packed weights).
+          default, ossgpt.lora) the base is frozen and only the adapters train (and sit in the optimizer), with the
+          embedding rows of Harmony's special tokens (--lora-tokens, ossgpt.lora.tokens: a base pretrained on
+          plain text never saw them); a base with MXFP4 experts keeps them packed, the expert adapters training
+          through them. --full trains every weight of the dense model (MXFP4 experts are dequantized: there is no
+          gradient through packed weights).
 
 What a LoRA run's checkpoint holds (ossgpt.checkpoint.adapted): the adapters, a reference to the base and the
 base's tokenizer, with the optimizer and trainer state; never a copy of the base. `ossgpt merge` folds the adapters
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ossgpt.chat.harmony import Harmony
+from ossgpt.chat.harmony import SPECIAL_TOKENS, Harmony
 from ossgpt.checkpoint import from_pretrained, load_config
 from ossgpt.checkpoint.adapted import is_adapted, write_adapted
 from ossgpt.checkpoint.pretrained import detect_format
@@ -36,7 +38,7 @@ from ossgpt.config import GPTOSSConfig
 from ossgpt.errors import UserError
 from ossgpt.lora import LORA_TARGETS, LoRAConfig, add_lora, load_adapters
 from ossgpt.model import GPTOSS
-from ossgpt.quant.int8 import StoredEmbedding
+from ossgpt.quant.int8 import StoredEmbedding, StoredLinear
 from ossgpt.tokenizer import TOKENIZER_FILE, load_tokenizer
 from ossgpt.training.config import TrainConfig, _option
 from ossgpt.training.sft_data import (
@@ -50,7 +52,9 @@ from ossgpt.training.trainer import Trainer, train
 
 DEFAULT_TARGETS = LoRAConfig().targets
 # The fields that make a run this run: resuming with another value would not continue it.
-RUN_FIELDS = ("checkpoint", "full", "lora_rank", "lora_alpha", "lora_targets")
+RUN_FIELDS = ("checkpoint", "full", "lora_rank", "lora_alpha", "lora_targets", "lora_tokens")
+# RUN_FIELDS added since runs were first saved: the value a run saved before had (it trained no token rows).
+RUN_FIELDS_BEFORE = {"lora_tokens": "none"}
 # TrainConfig fields that pretraining uses and fine-tuning does not: no `ossgpt sft` flag, left at their defaults.
 PRETRAINING_ONLY = ("preset", "model_override", "init_from", "context_extension")
 
@@ -76,6 +80,11 @@ class SFTConfig(TrainConfig):
     lora_targets: str = _option(
         ",".join(DEFAULT_TARGETS), f"LoRA: the projections to adapt in every layer, comma-separated, among "
         f"{','.join(LORA_TARGETS)} (gate_up_proj and down_proj: one adapter per expert)", metavar="NAMES",
+    )  # fmt: skip
+    lora_tokens: str = _option(
+        "harmony", "LoRA: the tokens whose embedding rows train too (and their LM head rows, if not tied): harmony "
+        "(the chat format's special tokens <|start|>, <|channel|>, ...), none, or token ids, comma-separated, "
+        "harmony among them if wanted (harmony,15,16)", metavar="IDS",
     )  # fmt: skip
     val_fraction: float = _option(
         0.05, "hold out this share of --data's conversations (spread over the file) for the validation loss",
@@ -104,9 +113,12 @@ class SFTConfig(TrainConfig):
     save_every: int = _option(100, "save RUN_DIR/checkpoint every this many steps (and at the end)")
     # Off for fine-tuning: its big tensors are the base's weights, built once; keeping freed memory would hold on to
     # loading's temporaries (several GB for gpt-oss-20b) for no speed, as no step frees a [vocab, hidden] gradient.
+    # Off, freed blocks of 1 MiB and more go back at once: a LoRA step's backward pass would otherwise leave the
+    # memory it frees resident under the gradients it keeps (training.host_memory).
     keep_freed_memory: bool = _option(
-        False, "on CPU (glibc): keep freed memory for reuse (the process stays at its peak memory)"
-    )
+        False, "on CPU (glibc): keep freed memory for reuse (the process stays at its peak memory); off: blocks of "
+        "1 MiB and more go back to the system as soon as they are freed (less memory)",
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -119,16 +131,27 @@ class SFTConfig(TrainConfig):
         if not self.val_data and not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r} (or pass --val-data)")
         if not self.full:
-            self.lora_config  # noqa: B018 - LoRAConfig checks its own values
+            self.lora_config()  # LoRAConfig checks its own values
 
-    @property
-    def lora_config(self) -> LoRAConfig:
-        """The adapters this run trains (UserError naming the flag of a bad value)."""
+    def lora_config(self, harmony: Harmony | None = None) -> LoRAConfig:
+        """The adapters this run trains, with the rows of --lora-tokens; `harmony` (the base's renderer) names the
+        chat tokens that `harmony` in --lora-tokens stands for (without it they are left out: the flags are only
+        being checked). UserError naming the flag of a bad value."""
         targets = tuple(name.strip() for name in self.lora_targets.split(",") if name.strip())
+        tokens = []
+        for part in self.lora_tokens.split(",") if self.lora_tokens != "none" else ():
+            if part.strip() != "harmony":
+                try:
+                    tokens.append(int(part))
+                except ValueError:
+                    raise UserError(f"--lora-tokens: expected harmony, none or token ids (e.g. harmony,15,16), got "
+                                    f"{self.lora_tokens!r}") from None  # fmt: skip
+            elif harmony is not None:
+                tokens += [harmony.tokenizer.special_tokens[t] for t in SPECIAL_TOKENS]
         try:
-            return LoRAConfig(self.lora_rank, self.lora_alpha, targets)
+            return LoRAConfig(self.lora_rank, self.lora_alpha, targets, tuple(tokens))
         except ValueError as err:  # "LoRA rank must be ..." -> "--lora-rank: LoRA rank must be ..."
-            flag = next((f for f in ("rank", "alpha") if f"LoRA {f}" in str(err)), "targets")
+            flag = next((f for f in ("rank", "alpha", "tokens") if f"LoRA {f}" in str(err)), "targets")
             raise UserError(f"--lora-{flag}: {err}") from None
 
 
@@ -184,6 +207,10 @@ class SFTTrainer(Trainer):
         config, ctx = self.config, self.ctx
         base = Path(config.checkpoint)
         self.model_config, harmony = chat_format(base, config.vocab_file or None)
+        self.lora = None if config.full else config.lora_config(harmony)
+        if self.lora is not None and self.lora.tokens and self.lora.tokens[-1] >= self.model_config.vocab_size:
+            raise UserError(f"--lora-tokens: token id {self.lora.tokens[-1]} is outside {base}'s vocabulary of "
+                            f"{self.model_config.vocab_size} ids")  # fmt: skip
         if config.seq_len > self.model_config.max_position_embeddings:
             raise UserError(
                 f"--seq-len {config.seq_len} exceeds {base}'s context of {self.model_config.max_position_embeddings} "
@@ -236,14 +263,15 @@ class SFTTrainer(Trainer):
             except ValueError as err:
                 raise UserError(f"--resume: {err}") from None
         else:
-            add_lora(model, config.lora_config, seed=config.seed)
+            add_lora(model, self.lora, seed=config.seed)
         return model.train()
 
     def _check_resumable(self, checkpoint: Path, state: dict) -> None:
-        saved = state.get("train_config", {})
-        differences = [name for name in RUN_FIELDS if saved.get(name) != getattr(self.config, name)]
+        recorded = state.get("train_config", {})
+        saved = {name: recorded.get(name, RUN_FIELDS_BEFORE.get(name)) for name in RUN_FIELDS}
+        differences = [name for name in RUN_FIELDS if saved[name] != getattr(self.config, name)]
         if differences:
-            flags = ", ".join(f"--{name.replace('_', '-')} {saved.get(name)!r}" for name in differences)
+            flags = ", ".join(f"--{name.replace('_', '-')} {saved[name]!r}" for name in differences)
             raise UserError(
                 f"{checkpoint} was trained with {flags}: resume with the run's settings, or start a new run with "
                 "--force"
@@ -258,29 +286,40 @@ class SFTTrainer(Trainer):
         config = self.config
         if config.full:
             return f"full fine-tuning of {config.checkpoint}"
-        lora = config.lora_config
+        lora = self.lora
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        rows = ""
+        if lora.tokens:
+            tied = self.model_config.tie_word_embeddings
+            rows = f"; the embedding rows of {len(lora.tokens)} tokens{'' if tied else ' and their LM head rows'}"
         return (
             f"LoRA fine-tuning of {config.checkpoint} (rank {lora.rank}, alpha {lora.alpha:g}, on "
-            f"{', '.join(lora.targets)}: {trainable:,} parameters train)"
+            f"{', '.join(lora.targets)}{rows}: {trainable:,} parameters train)"
         )
 
     def _write_weights(self, state: dict[str, torch.Tensor], directory: Path) -> None:
         if self.config.full:
             super()._write_weights(state, directory)
         else:
-            write_adapted(self.model_config, self.config.lora_config, state, Path(self.config.checkpoint), directory)
+            write_adapted(self.model_config, self.lora, state, Path(self.config.checkpoint), directory)
 
 
 @torch.no_grad()
 def hold_frozen_base(model: GPTOSS, dtype: torch.dtype = torch.float32) -> None:
     """Hold a frozen base, loaded in its stored dtype, for LoRA training: its float weights in `dtype` (what the
-    trainer computes in; its autocast narrows products itself), except an embedding table that is not the LM head:
-    a lookup reads one row per token, so the table keeps its stored dtype (bfloat16 for gpt-oss: 1.2 GB less than
-    float32 for gpt-oss-20b) and each row is widened (`StoredEmbedding`). Packed MXFP4 experts stay as they are."""
+    trainer computes in; its autocast narrows products itself), except an embedding table and an LM head that are
+    two tensors: both keep their stored dtype (bfloat16 for gpt-oss: 1.2 GB each less than float32 for
+    gpt-oss-20b). A lookup reads one row per token, each row widened (`StoredEmbedding`); the chunked loss widens the
+    head a slice of rows at a time (`StoredLinear`, ossgpt.kernels.loss). Packed MXFP4 experts stay as they are.
+
+    The chunked loss's logits buffer ([chunk, vocab] float32, 0.4 GB for gpt-oss-20b) is not kept from one step to
+    the next (no `loss_workspace`): kept, it would sit through every backward pass, to spare paging it in once a
+    step."""
     untied = model.embed_tokens.weight is not model.lm_head.weight
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not (untied and name.startswith("embed_tokens.")):
+        if param.is_floating_point() and not (untied and name.startswith(("embed_tokens.", "lm_head."))):
             param.data = param.data.to(dtype)
     if untied:
         model.embed_tokens = StoredEmbedding(model.embed_tokens, dtype)
+        model.lm_head = StoredLinear(model.lm_head, dtype)
+    model.loss_workspace = None

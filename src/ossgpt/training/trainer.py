@@ -55,7 +55,7 @@ from ossgpt.training.checkpoint import (
 )
 from ossgpt.training.config import TrainConfig, model_config_for
 from ossgpt.training.data import TrainBatches, open_split, validation_batches
-from ossgpt.training.host_memory import keep_freed_memory
+from ossgpt.training.host_memory import keep_freed_memory, return_freed_memory
 from ossgpt.training.logger import RunLogger, environment_lines
 from ossgpt.training.optim import build_optimizer, lr_at, set_lr
 
@@ -91,8 +91,17 @@ class Trainer:
         )
         self.config, self.ctx = config, ctx
         self.run_dir = Path(config.out)
-        # On CPU, whether glibc now keeps freed memory for reuse (None: not asked for here).
-        self.kept_freed_memory = keep_freed_memory() if config.keep_freed_memory and ctx.device.type == "cpu" else None
+        # On CPU, glibc is asked to keep freed memory for reuse, or to give big blocks back at once (host_memory);
+        # what it now does, for the log (None: not on CPU).
+        self.host_memory = None
+        if ctx.device.type == "cpu":
+            keep = config.keep_freed_memory
+            if not (keep_freed_memory() if keep else return_freed_memory()):
+                self.host_memory = "not glibc: the C library's defaults"
+            elif keep:
+                self.host_memory = "freed memory is kept for reuse (glibc mallopt)"
+            else:
+                self.host_memory = "freed blocks of 1 MiB and more go back to the system at once (glibc mallopt)"
         if config.dtype == "float16" and ctx.mode == "fsdp":
             raise UserError(
                 "--dtype float16 needs loss scaling, which is not set up for --distributed fsdp; use bfloat16"
@@ -250,9 +259,8 @@ class Trainer:
             f"checkpoints every {config.save_every} steps or {config.save_every_minutes:g} minutes, whichever comes "
             f"first; {config.runtime_options}"
         )
-        if self.kept_freed_memory is not None:
-            kept = "freed memory is kept for reuse (glibc mallopt)"
-            log.info("host memory: " + (kept if self.kept_freed_memory else "not glibc: freed memory is given back"))
+        if self.host_memory is not None:
+            log.info("host memory: " + self.host_memory)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
