@@ -436,14 +436,21 @@ def load_tokenizer(
     return CompactTokenizer.load(directory, vocab_file)
 
 
+def saved_state(directory: str | Path) -> dict | None:
+    """What `Tokenizer.save` wrote to directory/tokenizer.json (a JSON object with its "spec"), or None if there
+    is no such file, or it is another program's (a Hugging Face download's tokenizer.json)."""
+    try:
+        state = json.loads((Path(directory) / TOKENIZER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("spec"), str) else None  # every one has a spec
+
+
 def _read_state(directory: str | Path) -> dict:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"{path} not found; run `ossgpt prepare` to build the data folder with its tokenizer")
-    try:
-        state = json.loads(path.read_text())
-    except ValueError:
-        state = None
-    if not isinstance(state, dict) or not isinstance(state.get("spec"), str):  # every saved tokenizer has a spec
+    state = saved_state(directory)
+    if state is None:
         raise UserError(f"{path} is not a tokenizer file written by ossgpt; re-run `ossgpt prepare`")
     return state

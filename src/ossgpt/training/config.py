@@ -14,7 +14,6 @@ model instead, e.g. stretched by `--context-extension`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from ossgpt.errors import UserError
 from ossgpt.inference.loading import context_extension
 from ossgpt.options import ATTENTION_KERNELS, EXPERT_KERNELS, RuntimeOptions
 from ossgpt.presets import DEFAULT_PRESET, PRESETS
-from ossgpt.tokenizer import TOKENIZER_FILE
+from ossgpt.tokenizer import TOKENIZER_FILE, saved_state
 from ossgpt.training.optim import OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -265,19 +264,10 @@ def same_tokenizer_file(data: str, checkpoint: Path) -> bool:
     corpus-fitted vocabulary is only the same if its token table is. A named tokenizer (e.g. o200k_harmony) is
     the one the configs name, compared apart; a checkpoint's tokenizer.json may then be another program's (a
     Hugging Face download's). True too when the checkpoint has none."""
-    data_state = _ossgpt_tokenizer_state(Path(data) / TOKENIZER_FILE)
+    data_state = saved_state(data)
     if not (checkpoint / TOKENIZER_FILE).is_file() or data_state is None or set(data_state) == {"spec"}:
         return True
-    return data_state == _ossgpt_tokenizer_state(checkpoint / TOKENIZER_FILE)
-
-
-def _ossgpt_tokenizer_state(path: Path) -> dict | None:
-    """The saved state of an ossgpt tokenizer.json (a JSON object with its "spec"), or None if `path` is not one."""
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and isinstance(state.get("spec"), str) else None
+    return data_state == saved_state(checkpoint)
 
 
 def parse_model_overrides(items: list[str]) -> dict:
