@@ -37,7 +37,9 @@ BINS = 32  # log-spaced position bins per plot line (single positions are noisy:
 
 def score(checkpoint: Path, documents: list[str], factor: float | None, no_yarn: bool, trained: int):
     """EvalResult over windows of factor x trained tokens (the training length when factor is None)."""
-    model, tokenizer = load_model_and_tokenizer(checkpoint, **context_extension(checkpoint, factor, no_yarn))
+    model, tokenizer = load_model_and_tokenizer(
+        checkpoint, decoding=False, **context_extension(checkpoint, factor, no_yarn)
+    )
     text = tokenize_documents(tokenizer, documents)
     return evaluate_tokens(model, text, int((factor or 1) * trained), batch_size=4)
 

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for spec in args.checkpoints:
         name, _, path = spec.rpartition("=")
-        model, tokenizer = load_model_and_tokenizer(path, device="cpu")
+        model, tokenizer = load_model_and_tokenizer(path, device="cpu", quantization="none")  # the model as trained
         print(f"{name or path}: {len(examples)} greedy replies...", file=sys.stderr)
         result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size)
         results.append({"name": name or Path(path).name, "checkpoint": path, **result})

@@ -62,7 +62,7 @@ def merged_hf(lora_run, tmp_path_factory):
 def test_merged_hf_loads_with_its_compact_tokenizer_and_as_transformers_computes(merged_hf, tokenizer, fake_vocab,
                                                                                   tmp_path):  # fmt: skip
     assert json.loads((merged_hf / "config.json").read_text())["ossgpt_tokenizer"] == tokenizer.spec
-    model, loaded = load_model_and_tokenizer(merged_hf, vocab_file=fake_vocab)
+    model, loaded = load_model_and_tokenizer(merged_hf, vocab_file=fake_vocab, quantization="none")
     assert loaded.spec == tokenizer.spec and loaded.vocab_size == tokenizer.vocab_size == 268
     text = "<|start|>user<|message|>hello hell<|end|>"
     assert loaded.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")

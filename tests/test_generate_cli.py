@@ -9,8 +9,8 @@ from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.cli import generate as generate_cli
 from ossgpt.cli import main
 from ossgpt.errors import UserError
-from ossgpt.inference.loading import quantize
-from ossgpt.quant.int8 import quantize_for_decoding
+from ossgpt.inference.loading import load_model, quantize
+from ossgpt.quant.int8 import Int8Linear, quantize_for_decoding
 from ossgpt.tokenizer import ByteTokenizer, TextStream
 
 PROMPT = "Once upon a time"
@@ -38,30 +38,30 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_greedy_matches_model_generate(checkpoint, capsys):
+@pytest.mark.parametrize("flag, mode", [([], "int8-dynamic"), (["--quantize", "none"], None),
+                                        (["--quantize", "int8"], "int8"),
+                                        (["--quantize", "int8-dynamic"], "int8-dynamic")])  # fmt: skip
+def test_greedy_matches_model_generate(checkpoint, capsys, flag, mode):
+    """The CLI's tokens are those of the model as --quantize holds it: int8 W8A8 on the CPU by default, float32
+    exactly with `none`; the loading line says which."""
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", PROMPT, "--greedy",
-                 "--max-new-tokens", "10"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
+                 "--max-new-tokens", "10", *flag]) == 0  # fmt: skip
+    printed, err = capsys.readouterr()
+    assert ("int8 W8A8" in err) == (mode == "int8-dynamic") and ("weight-only" in err) == (mode == "int8"), err
 
     tok, model = ByteTokenizer(), GPTOSSForCausalLM.from_pretrained(checkpoint)
+    if mode is not None:
+        model = quantize_for_decoding(model, dynamic=mode == "int8-dynamic")
     ids = torch.tensor([[tok.eot_token_id, *tok.encode(PROMPT)]])  # the CLI starts the prompt with <|endoftext|>
     new = model.generate(ids, max_new_tokens=10, eos_token_id=tok.eot_token_id)[0, ids.shape[1] :].tolist()
     new = new[: new.index(tok.eot_token_id)] if tok.eot_token_id in new else new
     assert printed == PROMPT + tok.decode(new) + "\n"
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
-def test_quantized_greedy_matches_the_quantized_model(checkpoint, capsys, mode):
-    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", PROMPT, "--greedy", "--max-new-tokens",
-                 "10", "--quantize", mode]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
-
-    tok = ByteTokenizer()
-    model = quantize_for_decoding(GPTOSSForCausalLM.from_pretrained(checkpoint), dynamic=mode != "int8")
-    ids = torch.tensor([[tok.eot_token_id, *tok.encode(PROMPT)]])
-    new = model.generate(ids, max_new_tokens=10, eos_token_id=tok.eot_token_id)[0, ids.shape[1] :].tolist()
-    new = new[: new.index(tok.eot_token_id)] if tok.eot_token_id in new else new
-    assert printed == PROMPT + tok.decode(new) + "\n"
+def test_auto_is_int8_for_decoding_on_the_cpu_and_the_stored_weights_for_scoring(checkpoint):
+    decoding, scoring = load_model(checkpoint), load_model(checkpoint, decoding=False)  # `ossgpt eval` scores
+    assert isinstance(decoding.lm_head, Int8Linear) and decoding.lm_head.dynamic
+    assert type(scoring.lm_head) is torch.nn.Linear and scoring.lm_head.weight.dtype == torch.float32
 
 
 def test_quantize_refuses_other_devices_and_unknown_modes():
@@ -120,7 +120,9 @@ def test_max_new_tokens_capped_by_context(checkpoint, capsys):
 def test_errors(checkpoint, capsys, args, message):
     assert main(["generate", "--checkpoint", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    *notices, error = err.splitlines()  # a prompt is read after the weights, whose loading line may come first
+    assert error.startswith("error: ") and message in error and err.endswith("\n"), err
+    assert all(line.startswith("loaded in ") for line in notices) and len(notices) <= 1, err
 
 
 def test_missing_checkpoint(tmp_path, capsys):

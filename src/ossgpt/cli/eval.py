@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     documents = [read_document(Path(path)) for path in args.files]
     checkpoint = resolve_checkpoint(args.checkpoint)
     overrides = context_extension(checkpoint, args.context_extension, args.no_yarn)
-    model, tokenizer = load_model_and_tokenizer(checkpoint, device=args.device, **overrides)
+    model, tokenizer = load_model_and_tokenizer(checkpoint, device=args.device, decoding=False, **overrides)
     text = tokenize_documents(tokenizer, documents)
     seq_len = args.seq_len or default_seq_len(checkpoint, args.context_extension)
     result = evaluate_tokens(model, text, seq_len, args.batch_size, progress=sys.stderr.isatty())

@@ -12,9 +12,12 @@ How the weights are held (`--mxfp4`, `--quantize` of `ossgpt generate` and `ossg
   * MXFP4 experts (the published gpt-oss checkpoints) stay packed on the CPU (ossgpt.quant.mxfp4), where
     dequantizing them would need ~4x (bfloat16) to ~8x (float32) the memory; on a GPU they are dequantized.
   * `quantize`: the int8 copy of ossgpt.quant.int8 for decoding, weight-only (`int8`) or with each product's
-    input quantized too (`int8-dynamic`), or `none`. "auto" picks int8-dynamic on the CPU for a model with packed
-    experts (then every big matrix is read in 4.25 or 8 bits per weight by the native kernels), none otherwise
-    (models trained here decode exactly in float32 unless asked).
+    input quantized too (`int8-dynamic`), or `none`. "auto" picks int8-dynamic on the CPU, where decoding is bound
+    by the bytes of weights read per token: every big matrix is then read in 8 bits per weight (4.25 for packed
+    MXFP4 experts) by the native kernels, ~4x fewer bytes than float32, at a cost measured on the trained demo
+    model of +0.0003 bits/byte (BENCHMARKS.md); none on a GPU, and `--quantize none` decodes exactly on the CPU.
+    Scoring whole sequences (`decoding=False`: `ossgpt eval`) measures the model as stored: there "auto" is none
+    (and scoring is bound by arithmetic, not by reading weights).
 `describe_weights(model)` says in one line what was chosen; the CLI prints it.
 """
 
@@ -40,8 +43,8 @@ QUANTIZE_MODES = ("auto", "none", "int8", "int8-dynamic")
 QUANTIZE_HELP = (
     "int8: int8 weights for the LM head, attention and dense experts (weight-only; ~4x fewer bytes per token than "
     "float32); int8-dynamic: the same, and each product quantizes its input at run time too (W8A8), the fastest "
-    "on CPU; none: the checkpoint's weights as loaded (default: auto, int8-dynamic on the CPU for a model with "
-    "MXFP4 experts such as gpt-oss, else none)"
+    "on CPU; none: the checkpoint's weights as loaded, exact (default: auto, int8-dynamic on the CPU, none on a "
+    "GPU)"
 )
 # Tokens of context the memory check provides for (the KV cache of a long chat).
 CHECKED_CONTEXT = 8192
@@ -84,6 +87,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantization: str | None = "auto",
     keep_mxfp4: bool | None = None,
+    decoding: bool = True,
     **config_overrides,
 ):
     """The model (in eval mode) of the checkpoint at `path` (a model or training run directory), held as the
@@ -91,8 +95,9 @@ def load_model(
 
     device: a name for ossgpt.devices.resolve_device ("auto" or None picks CUDA when available). dtype: of the
     float weights. quantization: one of QUANTIZE_MODES (None = "none"). keep_mxfp4: keep MXFP4 experts packed
-    (None: on the CPU). config_overrides change non-shape config fields at load time (e.g. RoPE scaling for
-    context extension). On the CPU, a model that will not fit in the memory available is a UserError naming the
+    (None: on the CPU). decoding: what "auto" is for, decoding tokens (True) or scoring sequences (False).
+    config_overrides change non-shape config fields at load time (e.g. RoPE scaling for context extension). On the
+    CPU, a model that will not fit in the memory available is a UserError naming the
     figure, raised before anything is loaded.
     """
     directory = resolve_checkpoint(path)
@@ -107,7 +112,7 @@ def load_model(
                             "merge` the run first, or load with --no-mxfp4")  # fmt: skip
         quantization = "none"
     if quantization == "auto":
-        quantization = "int8-dynamic" if device.type == "cpu" and keep_mxfp4 else "none"
+        quantization = "int8-dynamic" if device.type == "cpu" and decoding else "none"
     if device.type == "cpu":
         config = load_config(weights, **config_overrides)
         advice = "" if keep_mxfp4 or not packed else "; keep the experts packed: leave out --no-mxfp4"
