@@ -1,4 +1,4 @@
-"""Parts of a training step (and one of decoding), each against the simpler form it replaced, in one process.
+"""Parts of a training step (and two of decoding), each against the simpler form it replaced, in one process.
 
   swiglu     the clamped SwiGLU's forward and backward on [8192, 1024] (the tiny step's gate/up rows): gate/up
              split by unflatten + unbind (ossgpt) vs by the stride-2 slices [..., ::2], [..., 1::2]
@@ -8,6 +8,8 @@
              iteration written as separate products, scales and sums
   rmsnorm    1,000 RMSNorm calls on one decoded token's [1, 1, 512] (where its per-call cost shows), forward only:
              torch's fused F.rms_norm on the float32 upcast (ossgpt) vs the formula step by step
+  argmax     1,000 greedy picks from one decoded token's logits over the mini preset's 100,352-token vocabulary:
+             ossgpt.inference.sampling.greedy (numpy's argmax on the CPU) vs torch.argmax
   expert-loop  the same projection at 32 experts ([4096, 512] x [32, 512, 1536], the MoE row of bench/run.py):
              the per-expert addmm loop as ossgpt's autograd Function (products written into preallocated
              outputs and gradients) vs the same loop left to autograd (split, addmm, cat)
@@ -25,6 +27,7 @@ import time
 
 import torch
 
+from ossgpt.inference.sampling import greedy
 from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
 from ossgpt.model.moe import clamped_swiglu
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
@@ -114,7 +117,13 @@ def workloads(quick: bool) -> dict:
 
         return run
 
+    logits = torch.randn(1, 512 if quick else 100_352)
+
+    def picks(fn):
+        return lambda: [fn(logits) for _ in range(100 if quick else 1000)]
+
     work = {
+        "argmax": (picks(greedy), picks(lambda t: t.argmax(dim=-1))),
         "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
         "rmsnorm": (rmsnorm(norm), rmsnorm(lambda t: rms_norm_reference(t, norm.weight, norm.eps))),
         "muon": (muon(orthogonalize), muon(unfused_orthogonalize)),

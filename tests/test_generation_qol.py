@@ -8,7 +8,7 @@ import torch
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.inference.generate import DecodeSession, generate_batch, stream
-from ossgpt.inference.sampling import Sampler, apply_repetition_penalty, filter_logits
+from ossgpt.inference.sampling import Sampler, apply_repetition_penalty, filter_logits, greedy
 from ossgpt.tokenizer import ByteTokenizer
 
 
@@ -93,6 +93,20 @@ def test_repetition_penalty_in_generation(model):
         got = generate_batch(model, [prompt], max_new_tokens=12, repetition_penalty=penalty)[0]
         assert got == greedy_reference(model, prompt, 12, penalty)
     assert generate_batch(model, [prompt], 12, repetition_penalty=3.0) != generate_batch(model, [prompt], 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_is_torch_argmax_with_ties_and_nans(dtype):
+    """The greedy pick (numpy's argmax on the CPU) is torch.argmax's: the first of tied maxima, NaN above all."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[1, [7, 500, 999]] = 50.0  # ties: the first wins
+    logits[2, [3, 900]] = float("nan")  # NaN counts as largest, the first one
+    logits[3] = float("-inf")
+    logits[4, -1] = float("inf")
+    picked = greedy(logits)
+    assert picked.dtype == torch.int64 and torch.equal(picked, logits.argmax(dim=-1))
+    assert picked[:5].tolist()[1:] == [7, 3, 0, 999]
+    assert torch.equal(greedy(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # a strided view
 
 
 def test_min_p_closed_form():

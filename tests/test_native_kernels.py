@@ -22,9 +22,9 @@ from ossgpt.inference.loading import load_model
 from ossgpt.inference.memory import MemoryPlan, check_memory
 from ossgpt.kernels import native as native_module
 from ossgpt.kernels.int8 import int8_dynamic_linear, quantize_int8
-from ossgpt.kernels.mxfp4 import dequantize, mxfp4_linear, mxfp4_token_experts
-from ossgpt.kernels.native import INSTRUCTION_SETS, cpu_flags, native, pick_instruction_set
-from ossgpt.quant.int8 import Int8Linear, StoredEmbedding
+from ossgpt.kernels.mxfp4 import dequantize, mxfp4_linear
+from ossgpt.kernels.native import FUSED_EXPERTS_TOKENS, INSTRUCTION_SETS, cpu_flags, native, pick_instruction_set
+from ossgpt.quant.int8 import Int8Experts, Int8Linear, StoredEmbedding
 from ossgpt.quant.mxfp4 import MXFP4Experts
 from test_mxfp4 import published_config, reference_model, write_published_mxfp4
 
@@ -149,52 +149,150 @@ def test_every_instruction_set_this_cpu_can_run_is_within_the_bound(isa, monkeyp
             exact = x.double() @ w.T
             got = module.int8_linear(x, q, s.float(), None).double()
             assert ((got - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+        for kind in ("mxfp4", "int8"):  # the fused experts too (what decoding runs)
+            experts, dense = random_experts(kind, 64, 96, seed=3)
+            x, indices, mix = (
+                torch.randn(5, 64, generator=g),
+                torch.tensor([[0, 1, 2], [4, 3, 0]] * 2 + [[1, 2, 4]]),
+                torch.rand(5, 3, generator=g),
+            )
+            with torch.no_grad():
+                fused = experts(x, indices, mix)
+            expected, bound = experts_reference(experts, dense, x, indices, mix)
+            assert ((fused.double() - expected).abs() <= bound).all()
     finally:
         native_module.native.cache_clear()
 
 
-@needs_native
-@pytest.mark.parametrize("hidden, width", [(64, 96), (96, 64)])  # even and odd block counts on either side
-def test_fused_token_experts_equal_the_per_expert_products(hidden, width):
-    """One token through its k experts in one native call against the same products one expert at a time
-    (`Experts.loop` over `mxfp4_linear`), and against float64 with the dequantized weights."""
+def random_experts(kind: str, hidden: int, width: int, seed: int):
+    """5 experts, MXFP4 (random codes and exponents) or int8 W8A8 (quantized from random float weights), with
+    random biases; and their float64 weights: gate_up [5, 2I, H], down [5, H, I]."""
     from ossgpt import GPTOSSConfig
-    from ossgpt.model.moe import clamped_swiglu
+    from ossgpt.model.moe import Experts
 
     config = GPTOSSConfig(vocab_size=64, eos_token_id=0, hidden_size=hidden, intermediate_size=width,
                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                           num_local_experts=5, num_experts_per_tok=3)  # fmt: skip
-    g = torch.Generator().manual_seed(hidden)
-    experts = MXFP4Experts(config)
-    experts.gate_up_proj_blocks, experts.gate_up_proj_scales = random_mxfp4(5 * 2 * width, hidden, g)
-    experts.down_proj_blocks, experts.down_proj_scales = random_mxfp4(5 * hidden, width, g)
-    experts.gate_up_proj_blocks = experts.gate_up_proj_blocks.view(5, 2 * width, hidden // 32, 16)
-    experts.gate_up_proj_scales = experts.gate_up_proj_scales.view(5, 2 * width, hidden // 32)
-    experts.down_proj_blocks = experts.down_proj_blocks.view(5, hidden, width // 32, 16)
-    experts.down_proj_scales = experts.down_proj_scales.view(5, hidden, width // 32)
-    experts.gate_up_proj_bias = torch.nn.Parameter(torch.randn(5, 2 * width, generator=g))
-    experts.down_proj_bias = torch.nn.Parameter(torch.randn(5, hidden, generator=g))
-    x = torch.randn(1, hidden, generator=g) * 4
-    indices = torch.tensor([[4, 0, 2]])
-    weights = torch.tensor([[0.5, 0.3, 0.2]])
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mxfp4":
+        experts = MXFP4Experts(config)
+        # Exponents 121..124: weights of about +-0.1, for activations of about +-1 like a trained layer's.
+        gate_up = random_mxfp4(5 * 2 * width, hidden, g, (121, 125))
+        down = random_mxfp4(5 * hidden, width, g, (121, 125))
+        experts.gate_up_proj_blocks = gate_up[0].view(5, 2 * width, hidden // 32, 16)
+        experts.gate_up_proj_scales = gate_up[1].view(5, 2 * width, hidden // 32)
+        experts.down_proj_blocks = down[0].view(5, hidden, width // 32, 16)
+        experts.down_proj_scales = down[1].view(5, hidden, width // 32)
+        weights = (dequantize64(experts.gate_up_proj_blocks, experts.gate_up_proj_scales),
+                   dequantize64(experts.down_proj_blocks, experts.down_proj_scales))  # fmt: skip
+    else:
+        dense = Experts(config)
+        with torch.no_grad():
+            dense.gate_up_proj.normal_(0, 0.15, generator=g), dense.down_proj.normal_(0, 0.15, generator=g)
+        experts = Int8Experts(dense, config, dynamic=True)
+        stored = ((experts.gate_up_qweight, experts.gate_up_scales), (experts.down_qweight, experts.down_scales))
+        weights = tuple(q.double() * s.double()[..., None] for q, s in stored)
+    experts.gate_up_proj_bias = torch.nn.Parameter(torch.randn(5, 2 * width, generator=g), requires_grad=False)
+    experts.down_proj_bias = torch.nn.Parameter(torch.randn(5, hidden, generator=g), requires_grad=False)
+    return experts, weights
+
+
+def kernel_rounding(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows v [n, K] rounded as the kernels round activations (csrc/cpu_q8.cpp, `quantize_row`, in float32: step
+    d = max|block| / 127, codes round(v * 127 / max|block|), ties to even) -> (codes times steps [n, K], the
+    unrounded codes v * 127 / max|block| [n, K]), in float64."""
+    blocks = v.float().reshape(v.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    scaled = (blocks * inverse).clamp(-127, 127)
+    return (scaled.round().double() * (amax / 127).double()).flatten(1), scaled.double().flatten(1)
+
+
+def experts_reference(experts, dense, x, indices, mix):
+    """What the fused kernel computes, in float64 from the dequantized weights `dense` (gate_up [E, 2I, H], down
+    [E, H, I]) -> (expected [N, H], bound [N, H]): each token rounded as the kernel rounds it (`kernel_rounding`),
+    gate_up, the clamped SwiGLU, the activations rounded the same way, down, mixed. The kernel differs from this by
+    float32 arithmetic only:
+      1. gate_up's float32 sums: eg <= (G + 8) 2^-24 sum|terms| + 2 2^-24 |g| (as `rounding_bound`);
+      2. through the SwiGLU: dh <= (|gate| + eg) eg_up + (|up| + eg_up + 1)(1 + alpha (|gate| + eg) / 4) eg_gate
+         (its derivatives' bounds) + 16 ulps of (|up| + 1) |gate| for its float32 evaluation;
+      3. the activations' rounding sees h + dh: a code may move by one where h's unrounded code is within its
+         own error of a half-integer, and every step by at most max dh / 127 (plus its own rounding);
+      4. down's float32 sums as in 1, and the mix's (k terms)."""
+    alpha, limit = experts.alpha, experts.limit
+    gate_up_w, down_w = dense
+    N, k = indices.shape
+    expected = torch.zeros(N, x.shape[1], dtype=torch.float64)
+    bound = torch.zeros_like(expected)
+    ulp = 2.0**-24
+    for t, s in ((t, s) for t in range(N) for s in range(k)):
+        e, w = int(indices[t, s]), float(mix[t, s])
+        xq, _ = kernel_rounding(x[t : t + 1])
+        g = xq @ gate_up_w[e].T + experts.gate_up_proj_bias[e].double()
+        eg = (x.shape[1] // 32 + 8) * ulp * (xq.abs() @ gate_up_w[e].abs().T) + 2 * ulp * g.abs()
+        gate, up, e_gate, e_up = g[:, ::2].clamp(max=limit), g[:, 1::2].clamp(-limit, limit), eg[:, ::2], eg[:, 1::2]
+        h = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        dh = (gate.abs() + e_gate) * e_up + (up.abs() + e_up + 1) * (1 + alpha * (gate.abs() + e_gate) / 4) * e_gate
+        dh += 16 * ulp * (up.abs() + 1) * gate.abs()
+        hq, scaled = kernel_rounding(h)
+        G = h.shape[1] // 32
+        amax = h.abs().view(1, G, 32).amax(-1).repeat_interleave(32, 1)
+        d_amax = dh.view(1, G, 32).amax(-1).repeat_interleave(32, 1)
+        step = (amax + d_amax) / 127 * (1 + ulp)
+        # How far the kernel's unrounded code may be from `scaled`: its own h's error, and its step's.
+        d_scaled = dh * 127 / (amax - d_amax).clamp(min=1e-300) + scaled.abs() * (d_amax / amax + 2 * ulp) + 127 * ulp
+        near_half = ((scaled - scaled.floor() - 0.5).abs() <= d_scaled).double()
+        d_value = near_half * step + scaled.round().abs() * (d_amax / 127 + ulp * amax / 127)
+        out = hq @ down_w[e].T + experts.down_proj_bias[e].double()
+        e_out = d_value @ down_w[e].abs().T
+        e_out += (G + 8) * ulp * ((hq.abs() + d_value) @ down_w[e].abs().T) + 2 * ulp * out.abs()
+        expected[t] += w * out[0]
+        bound[t] += abs(w) * (e_out[0] + k * ulp * out[0].abs())
+    return expected, bound
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["mxfp4", "int8"])
+@pytest.mark.parametrize("hidden, width", [(64, 96), (96, 64)])  # even and odd block counts on either side
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_fused_experts_within_the_derived_bound(kind, hidden, width, n):
+    """Tokens through their experts in one native call (`fused_experts`, what the modules run for a few tokens)
+    against the float64 reference of the same roundings, within its derived bound; expert 3 gets no token."""
+    experts, dense = random_experts(kind, hidden, width, seed=hidden + n)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, hidden, generator=g)
+    indices = torch.stack([torch.tensor([0, 1, 2, 4])[torch.randperm(4, generator=g)[:3]] for _ in range(n)])
+    mix = torch.rand(n, 3, generator=g).softmax(-1)
     with torch.no_grad():
-        fused = experts(x, indices, weights)  # one token: the fused call
-        direct = mxfp4_token_experts(x, indices, weights, (experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
-                                     experts.gate_up_proj_bias), (experts.down_proj_blocks, experts.down_proj_scales,
-                                     experts.down_proj_bias), experts.alpha, experts.limit)  # fmt: skip
-        assert direct is not None and torch.equal(direct, fused)
-        looped = experts.loop(x, indices, weights)  # one mxfp4_linear per projection and expert
-        exact = torch.zeros(1, hidden, dtype=torch.float64)
-        for e, w in zip(indices[0].tolist(), weights[0].tolist()):
-            gate_up = dequantize64(experts.gate_up_proj_blocks[e], experts.gate_up_proj_scales[e])
-            down = dequantize64(experts.down_proj_blocks[e], experts.down_proj_scales[e])
-            h = clamped_swiglu(x.double() @ gate_up.T + experts.gate_up_proj_bias[e].double(), 1.702, 7.0)
-            exact += w * (h @ down.T + experts.down_proj_bias[e].double())
-    scale = exact.abs().max()
-    # The two native paths differ only where an activation's float rounding (exp vs torch's sigmoid) tips its
-    # int8 rounding, one step of one value; both are within int8 rounding of the float64 result.
-    assert ((fused - looped).abs().max() / scale) < 1e-3
-    assert ((fused.double() - exact).abs().max() / scale) < 2e-2
+        fused = experts(x, indices, mix)
+    exact, bound = experts_reference(experts, dense, x, indices, mix)
+    assert fused.shape == (n, hidden) and fused.dtype == torch.float32
+    assert ((fused.double() - exact).abs() <= bound).all()
+    # Not vacuous: float32's error, plus one code's step where a rounding may tip; the activations' int8 rounding
+    # itself (what the reference reproduces) would be a bound as large as the result here.
+    assert bound.max() < 1e-2 * exact.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["mxfp4", "int8"])
+def test_fused_experts_of_a_batch_equal_one_token_at_a_time_and_the_loop(kind):
+    """Each row of a batched call is bit-identical to that token's call alone (sorting the pairs by expert and
+    tiling the tokens change no sum), and close to the per-expert loop of native products: they differ only where
+    an activation's float rounding (std::exp against torch's sigmoid) tips its int8 rounding, one step of one value.
+    Past FUSED_EXPERTS_TOKENS tokens the module takes the loop itself."""
+    experts, _ = random_experts(kind, 64, 96, seed=7)
+    g = torch.Generator().manual_seed(1)
+    n = FUSED_EXPERTS_TOKENS + 1
+    x = torch.randn(n, 64, generator=g) * 4
+    indices = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(n)])
+    mix = torch.rand(n, 3, generator=g).softmax(-1)
+    with torch.no_grad():
+        batched = experts(x[:9], indices[:9], mix[:9])
+        for t in range(9):
+            assert torch.equal(batched[t : t + 1], experts(x[t : t + 1], indices[t : t + 1], mix[t : t + 1]))
+        looped = experts.loop(x[:9], indices[:9], mix[:9])
+        assert ((batched - looped).abs().max() / looped.abs().max()) < 1e-3
+        assert torch.equal(experts(x, indices, mix), experts.loop(x, indices, mix))  # too many tokens: the loop
 
 
 def test_quantize_int8_in_row_chunks_is_the_same():

@@ -134,30 +134,3 @@ def mxfp4_linear(
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = module.mxfp4_linear(flat, blocks, scales, None if bias is None else bias.float().contiguous())
     return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
-
-
-def mxfp4_token_experts(
-    x: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    alpha: float,
-    limit: float,
-) -> torch.Tensor | None:
-    """One token's MoE output, fused in the native kernel: x [1, H], indices/weights [1, k] (its experts and their
-    mixing weights), gate_up and down as (blocks, scales, bias) of the packed experts
-    ([E, 2I, H/32, 16], [E, 2I, H/32], [E, 2I] and [E, H, I/32, 16], [E, H, I/32], [E, H])
-    -> sum over its k experts of weight * down(clamped_swiglu(gate_up(x))), [1, H] in x's dtype.
-
-    The same sums as k calls of `mxfp4_linear` per projection (the token quantized once for the k gate_up
-    products). None where the native kernels are not available (not on CPU, not built, or gradients wanted):
-    the caller then takes its loop."""
-    module = native() if x.device.type == "cpu" and not x.requires_grad else None
-    if module is None or x.shape[0] != 1:
-        return None
-    (gu_blocks, gu_scales, gu_bias), (d_blocks, d_scales, d_bias) = gate_up, down
-    out = module.mxfp4_experts(x.float().contiguous(), indices[0].long().contiguous(), weights[0].float().contiguous(),
-                               gu_blocks, gu_scales, gu_bias.float().contiguous(), d_blocks, d_scales,
-                               d_bias.float().contiguous(), alpha, limit)  # fmt: skip
-    return out.to(x.dtype)

@@ -2,6 +2,9 @@
 
     native()   the compiled module, or None where it cannot be built (no C++ compiler, no ninja, not Linux/x86):
                callers then take their pure-PyTorch path, and a one-line notice says so once.
+    fused_experts(kernel, x, indices, weights, gate_up, down, alpha, limit)
+               a few tokens through their experts in one call of the module's `kernel` (MXFP4 or int8 experts),
+               or None where the caller should take its loop.
 
 The instruction set is picked at run time from the CPU's flags: the module is built for the best of
 `INSTRUCTION_SETS` this CPU has, under a name of its own, so a cache shared by machines with different CPUs
@@ -21,6 +24,10 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_q8.cpp"
+# Tokens at most per fused experts call (`fused_experts`): decoding, batched or not. There a layer's loop over its
+# experts costs more in per-op overhead than in products; a prompt's products amortize that overhead, while the fused
+# call's scratch ([tokens * k, 2I] float32) would grow with its length.
+FUSED_EXPERTS_TOKENS = 64
 
 # name -> (CPU flags it needs (as /proc/cpuinfo spells them), compiler flags), best first.
 INSTRUCTION_SETS = {
@@ -75,6 +82,27 @@ def native():
             reason = reason or (str(err).strip().splitlines() or [type(err).__name__])[0]
     _notice(f"could not build the native CPU kernels ({reason[:200]})")
     return None
+
+
+def fused_experts(kernel: str, x, indices, weights, gate_up: tuple, down: tuple, alpha: float, limit: float):
+    """The MoE output of a few tokens in one native call, or None (not on the CPU, not built, gradients wanted, more
+    than FUSED_EXPERTS_TOKENS tokens, or widths not multiples of 32): the caller then takes its loop.
+
+    kernel: "mxfp4_experts" or "int8_experts". x [N, H]; indices, weights [N, k]: each token's experts and mixing
+    weights; gate_up, down: (weight tensors..., bias) of all E experts in the kernel's format (csrc/cpu_q8.cpp)
+    -> [N, H] in x's dtype: sum over k of weight * down(clamped_swiglu(gate_up(x))), the same products as one
+    call per expert and projection (the tokens rounded to int8 per block of 32)."""
+    module = native() if x.device.type == "cpu" and not x.requires_grad else None
+    (*gate_up_weights, gate_up_bias), (*down_weights, down_bias) = gate_up, down
+    width = down_weights[0].shape[2] * (
+        32 if kernel == "mxfp4_experts" else 1
+    )  # int8 [E, H, I]; MXFP4 [E, H, I/32, 16]
+    if module is None or x.shape[0] > FUSED_EXPERTS_TOKENS or x.shape[-1] % 32 or width % 32:
+        return None
+    out = getattr(module, kernel)(x.float().contiguous(), indices.long().contiguous(), weights.float().contiguous(),
+                                  *gate_up_weights, gate_up_bias.float().contiguous(), *down_weights,
+                                  down_bias.float().contiguous(), alpha, limit)  # fmt: skip
+    return out.to(x.dtype)
 
 
 def _build(name: str):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ossgpt.kernels.int8 import int8_dynamic_linear, int8_linear, quantize_int8
+from ossgpt.kernels.native import fused_experts
 from ossgpt.model.moe import Experts
 from ossgpt.quant.mxfp4 import MXFP4Experts
 
@@ -79,7 +80,15 @@ class Int8Experts(Experts):
         self.product = int8_dynamic_linear if dynamic else int8_linear
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H], indices/weights [N, k] -> [N, H]: the loop of `Experts.loop`, with int8 experts."""
+        """x [N, H], indices/weights [N, k] -> [N, H]: the loop of `Experts.loop`, with int8 experts; with dynamic
+        (W8A8) products, a few tokens (decoding) in one fused native call where there is one (`fused_experts`)."""
+        if self.product is int8_dynamic_linear:
+            fused = fused_experts("int8_experts", x, indices, weights,
+                                  (self.gate_up_qweight, self.gate_up_scales.float(), self.gate_up_proj_bias),
+                                  (self.down_qweight, self.down_scales.float(), self.down_proj_bias),
+                                  self.alpha, self.limit)  # fmt: skip
+            if fused is not None:
+                return fused
         return self.loop(x, indices, weights)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ gpt-oss's experts hold ~90% of its parameters. Kept as MXFP4 (4.25 bits per weig
 of bfloat16, gpt-oss-20b's experts take ~11 GiB less memory. Each forward runs only the experts that received
 tokens, one at a time (`Experts.loop`), in one of two ways (`RuntimeOptions.experts`):
   * "sorted" (the default): `mxfp4_linear` reads the packed weights directly (on CPU, the native kernel of
-    ossgpt.kernels.native: activations rounded to int8 per block of 32, integer dot products); a single token
-    (decoding) runs its k experts in one fused native call (`mxfp4_token_experts`);
+    ossgpt.kernels.native: activations rounded to int8 per block of 32, integer dot products); a few tokens
+    (decoding, batched or not) run through their experts in one fused native call (`fused_experts`);
   * "loop": the reference: the expert's weights dequantized for this call, then ordinary float products.
 
 `use_mxfp4_experts(model)` swaps every layer's `Experts` for an empty `MXFP4Experts`, which
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize, mxfp4_linear, mxfp4_token_experts, quantize_mxfp4
+from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize, mxfp4_linear, quantize_mxfp4
+from ossgpt.kernels.native import fused_experts
 from ossgpt.model.moe import Experts
 
 
@@ -44,12 +45,12 @@ class MXFP4Experts(Experts):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], indices/weights [N, k] -> [N, H]: the loop of `Experts.loop`, over the experts that received
-        tokens only; one token (decoding) in one fused native call where there is one ("sorted")."""
+        tokens only; a few tokens (decoding) in one fused native call where there is one ("sorted")."""
         if self.kernel == "sorted":
-            fused = mxfp4_token_experts(x, indices, weights,
-                                        (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
-                                        (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
-                                        self.alpha, self.limit)  # fmt: skip
+            fused = fused_experts("mxfp4_experts", x, indices, weights,
+                                  (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
+                                  (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
+                                  self.alpha, self.limit)  # fmt: skip
             if fused is not None:
                 return fused
         return self.loop(x, indices, weights)

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -293,10 +294,10 @@ inline void rows(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
                  const float* bias, float* y) {
   float sums[R * 4];
   int64_t t = 0;
-  auto store = [&](int T) {
+  auto store = [&](int T) {  // one rounding (fma), whatever the compiler would contract: tiles of any shape agree
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < T; ++i)
-        y[(t + i) * O + o + r] = sums[r * T + i] * w.row_scale(o + r) + (bias ? bias[o + r] : 0.f);
+        y[(t + i) * O + o + r] = std::fma(sums[r * T + i], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
   };
   for (; t + 4 <= n; t += 4) {
     wide(G) ? tile2<R, 4>(w, o, q, d, t, G, sums) : tile<R, 4>(w, o, q, d, t, G, sums);
@@ -375,83 +376,155 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
   return run(w, x, O, bias);
 }
 
-// One token through its k experts, each fused: gate_up -> clamped SwiGLU -> down, mixed by the routing weights.
-//   x [1, H] f32, experts [k] int64, mix [k] f32; gate_up: blocks [E, 2I, H/32, 16], scales [E, 2I, H/32], bias
-//   [E, 2I] f32 (gate and up interleaved); down: blocks [E, H, I/32, 16], scales [E, H, I/32], bias [E, H] f32
-//   -> [1, H] f32.
-// The token is quantized once for all k gate_up products, and each projection of the k experts is one parallel
-// loop over all their rows: the threads start twice per layer, not 4k times.
+// Tokens through their experts, each projection of all the experts in one parallel loop:
+//   x [N, H] f32, experts [N, k] int64 (each token's experts), mix [N, k] f32 (their mixing weights);
+//   gate_up(e), down(e): expert e's weight rows (gate and up interleaved: [2I, H], then [H, I]), biases
+//   gate_up_bias [E, 2I] and down_bias [E, H] f32 -> y [N, H] f32, y[t] = sum over s of mix[t, s] *
+//   down(clamped_swiglu(gate_up(x[t]))) of expert experts[t, s].
+// The (token, expert) pairs are sorted by expert, so each expert's rows are read once for all its tokens; each
+// token is quantized once for its k gate_up products; the threads start twice per layer, not 4 times per expert.
+template <class GateUp, class Down>
+torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& experts, const torch::Tensor& mix,
+                            GateUp gate_up, Down down, int64_t E, int64_t I, const torch::Tensor& gate_up_bias,
+                            const torch::Tensor& down_bias, double alpha, double limit) {
+  TORCH_CHECK(experts.scalar_type() == torch::kInt64 && experts.dim() == 2 && mix.scalar_type() == torch::kFloat32 &&
+                  mix.sizes() == experts.sizes() && experts.is_contiguous() && mix.is_contiguous() &&
+                  experts.size(0) == x.size(0),
+              "experts must be int64 [N, k] and mix float32 [N, k], N the rows of x");
+  const int64_t N = x.size(0), k = experts.size(1), H = x.size(1), I2 = 2 * I, P = N * k;
+  const int64_t G_in = H / QK, G_mid = I / QK;
+  TORCH_CHECK(I % QK == 0, "the experts' width (", I, ") must be a multiple of 32");
+  TORCH_CHECK(gate_up_bias.scalar_type() == torch::kFloat32 && gate_up_bias.is_contiguous() &&
+                  gate_up_bias.numel() == E * I2 && down_bias.scalar_type() == torch::kFloat32 &&
+                  down_bias.is_contiguous() && down_bias.numel() == E * H,
+              "expert biases must be contiguous float32 [E, 2I] and [E, H]");
+  const int64_t* ids = experts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(ids[p] >= 0 && ids[p] < E, "expert index out of range");
+
+  // Counting sort of the pairs p = t * k + s by expert: sorted[i] = the i-th pair, expert e's at begin[e]...
+  std::vector<int64_t> begin(E + 1, 0), sorted(P), slot_of(P);
+  for (int64_t p = 0; p < P; ++p) ++begin[ids[p] + 1];
+  for (int64_t e = 0; e < E; ++e) begin[e + 1] += begin[e];
+  std::vector<int64_t> next(begin.begin(), begin.end() - 1);
+  for (int64_t p = 0; p < P; ++p) {
+    slot_of[p] = next[ids[p]]++;
+    sorted[slot_of[p]] = p;
+  }
+  std::vector<int64_t> used;  // the experts that received tokens
+  for (int64_t e = 0; e < E; ++e)
+    if (begin[e + 1] > begin[e]) used.push_back(e);
+
+  auto opts = x.options();
+  auto qx = torch::empty({N, H}, opts.dtype(torch::kInt8));  // each token quantized once, then copied per pair
+  auto dx = torch::empty({N, G_in}, opts);
+  auto qp = torch::empty({P, H}, opts.dtype(torch::kInt8));
+  auto dp = torch::empty({P, G_in}, opts);
+  auto h = torch::empty({P, I2}, opts);  // gate_up outputs, then (first I columns) the activations
+  auto qh = torch::empty({P, I}, opts.dtype(torch::kInt8));
+  auto dh = torch::empty({P, G_mid}, opts);
+  auto out = torch::empty({P, H}, opts);
+  const float* xp = x.data_ptr<float>();
+  int8_t *qxp = qx.data_ptr<int8_t>(), *qpp = qp.data_ptr<int8_t>(), *qhp = qh.data_ptr<int8_t>();
+  float *dxp = dx.data_ptr<float>(), *dpp = dp.data_ptr<float>(), *hp = h.data_ptr<float>();
+  float *dhp = dh.data_ptr<float>(), *op = out.data_ptr<float>();
+
+  const Layout in_layout = gate_up(0).layout(), mid_layout = down(0).layout();
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) quantize_row(xp + t * H, qxp + t * H, dxp + t * G_in, H, in_layout);
+  });
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t t = sorted[i] / k;
+    std::memcpy(qpp + i * H, qxp + t * H, H);
+    std::memcpy(dpp + i * G_in, dxp + t * G_in, G_in * sizeof(float));
+  }
+  // One projection of every used expert: output rows [0, used * O) split over the threads; expert e multiplies
+  // its pairs' inputs (rows begin[e] .. begin[e + 1] - 1 of q, d) into the same rows of y.
+  auto project = [&](int64_t O, int64_t G, auto weights_of, const int8_t* q, const float* d, const float* bias,
+                     float* y) {
+    const int64_t per_row = std::max<int64_t>(1, G * P / static_cast<int64_t>(used.size()));
+    at::parallel_for(0, static_cast<int64_t>(used.size()) * O, std::max<int64_t>(4, 16384 / per_row),
+                     [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo / O; j * O < hi; ++j) {
+        const int64_t e = used[j], first = begin[e], n = begin[e + 1] - first;
+        row_range(weights_of(e), q + first * G * QK, d + first * G, n, G, O, bias + e * O, y + first * O,
+                  std::max(lo, j * O) - j * O, std::min(hi, (j + 1) * O) - j * O);
+      }
+    });
+  };
+  project(I2, G_in, gate_up, qpp, dpp, gate_up_bias.data_ptr<float>(), hp);
+  const float a = static_cast<float>(alpha), l = static_cast<float>(limit);
+  at::parallel_for(0, P, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {  // clamped SwiGLU (ossgpt.model.moe.clamped_swiglu), then quantized
+      float* hi = hp + i * I2;
+      for (int64_t c = 0; c < I; ++c) {
+        const float gate = std::min(hi[2 * c], l), up = std::clamp(hi[2 * c + 1], -l, l);
+        hi[c] = (up + 1.f) * (gate / (1.f + std::exp(-a * gate)));  // in place: column c is read before written
+      }
+      quantize_row(hi, qhp + i * I, dhp + i * G_mid, I, mid_layout);
+    }
+  });
+  project(H, G_mid, down, qhp, dhp, down_bias.data_ptr<float>(), op);
+  auto y = torch::zeros({N, H}, opts);
+  float* yp = y.data_ptr<float>();
+  const float* w = mix.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t s = 0; s < k; ++s) {  // in slot order, whatever the experts' order
+        const float* row = op + slot_of[t * k + s] * H;
+        for (int64_t c = 0; c < H; ++c) yp[t * H + c] += w[t * k + s] * row[c];
+      }
+  });
+  return y;
+}
+
+// MXFP4 experts: gate_up blocks [E, 2I, H/32, 16], scales [E, 2I, H/32]; down blocks [E, H, I/32, 16], scales
+// [E, H, I/32] (uint8); see fused_experts.
 torch::Tensor mxfp4_experts(const torch::Tensor& x, const torch::Tensor& experts, const torch::Tensor& mix,
                             const torch::Tensor& gate_up_blocks, const torch::Tensor& gate_up_scales,
                             const torch::Tensor& gate_up_bias, const torch::Tensor& down_blocks,
                             const torch::Tensor& down_scales, const torch::Tensor& down_bias, double alpha,
                             double limit) {
-  TORCH_CHECK(experts.scalar_type() == torch::kInt64 && experts.dim() == 1 && mix.scalar_type() == torch::kFloat32 &&
-                  mix.numel() == experts.numel() && experts.is_contiguous() && mix.is_contiguous(),
-              "experts must be int64 [k] and mix float32 [k]");
   for (const auto* t : {&gate_up_blocks, &gate_up_scales, &down_blocks, &down_scales})
     TORCH_CHECK(t->scalar_type() == torch::kUInt8 && t->is_contiguous(), "packed experts must be contiguous uint8");
   TORCH_CHECK(gate_up_blocks.dim() == 4 && down_blocks.dim() == 4 && gate_up_blocks.size(3) == QK / 2 &&
                   down_blocks.size(3) == QK / 2, "packed experts must be [E, O, G, 16]");
-  const int64_t k = experts.numel(), E = gate_up_blocks.size(0), H = down_blocks.size(1);
-  const int64_t I2 = gate_up_blocks.size(1), I = I2 / 2, G_in = gate_up_blocks.size(2), G_mid = down_blocks.size(2);
-  TORCH_CHECK(G_in * QK == H && G_mid * QK == I && down_blocks.size(0) == E, "expert shapes do not match");
-  TORCH_CHECK(gate_up_bias.scalar_type() == torch::kFloat32 && gate_up_bias.is_contiguous() &&
-                  gate_up_bias.numel() == E * I2 && down_bias.scalar_type() == torch::kFloat32 &&
-                  down_bias.is_contiguous() && down_bias.numel() == E * H,
-              "expert biases must be contiguous float32 [E, 2I] and [E, H]");
+  const int64_t E = gate_up_blocks.size(0), H = down_blocks.size(1), I = down_blocks.size(2) * QK;
+  const int64_t G_in = gate_up_blocks.size(2), G_mid = down_blocks.size(2);
+  TORCH_CHECK(G_in * QK == H && gate_up_blocks.size(1) == 2 * I && down_blocks.size(0) == E &&
+                  gate_up_scales.numel() == E * 2 * I * G_in && down_scales.numel() == E * H * G_mid,
+              "expert shapes do not match");
   check_activations(x, H);
-  TORCH_CHECK(x.size(0) == 1, "one token at a time");
-  const int64_t* ids = experts.data_ptr<int64_t>();
-  for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "expert index out of range");
-
-  auto opts = x.options();
-  auto qx = torch::empty({H}, opts.dtype(torch::kInt8));
-  auto dx = torch::empty({G_in}, opts);
-  auto h = torch::empty({k, I2}, opts);  // gate_up outputs, then (first I columns) the activations
-  auto qh = torch::empty({k, I}, opts.dtype(torch::kInt8));
-  auto dh = torch::empty({k, G_mid}, opts);
-  auto out = torch::empty({k, H}, opts);
   const uint8_t *gub = gate_up_blocks.data_ptr<uint8_t>(), *gus = gate_up_scales.data_ptr<uint8_t>();
   const uint8_t *db = down_blocks.data_ptr<uint8_t>(), *ds = down_scales.data_ptr<uint8_t>();
-  float *hp = h.data_ptr<float>(), *op = out.data_ptr<float>();
-  int8_t* qhp = qh.data_ptr<int8_t>();
-  float* dhp = dh.data_ptr<float>();
+  auto gate_up = [=](int64_t e) {
+    return MXFP4Weights(gub + e * 2 * I * G_in * (QK / 2), gus + e * 2 * I * G_in, G_in);
+  };
+  auto down = [=](int64_t e) { return MXFP4Weights(db + e * H * G_mid * (QK / 2), ds + e * H * G_mid, G_mid); };
+  return fused_experts(x, experts, mix, gate_up, down, E, I, gate_up_bias, down_bias, alpha, limit);
+}
 
-  auto gate_up = [&](int64_t j) {
-    return MXFP4Weights(gub + ids[j] * I2 * G_in * (QK / 2), gus + ids[j] * I2 * G_in, G_in);
-  };
-  auto down = [&](int64_t j) { return MXFP4Weights(db + ids[j] * H * G_mid * (QK / 2), ds + ids[j] * H * G_mid, G_mid); };
-  quantize_row(x.data_ptr<float>(), qx.data_ptr<int8_t>(), dx.data_ptr<float>(), H, gate_up(0).layout());
-  // All k experts' rows of one projection as one range [0, k * O), split over the threads.
-  auto project = [&](int64_t O, int64_t G, auto weights_of, auto input_of, const float* bias, float* y) {
-    at::parallel_for(0, k * O, std::max<int64_t>(4, 16384 / G), [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin / O; j * O < end; ++j) {
-        const auto [q, d] = input_of(j);
-        row_range(weights_of(j), q, d, 1, G, O, bias + ids[j] * O, y + j * O, std::max(begin, j * O) - j * O,
-                  std::min(end, (j + 1) * O) - j * O);
-      }
-    });
-  };
-  project(I2, G_in, gate_up, [&](int64_t) { return std::pair(qx.data_ptr<int8_t>(), dx.data_ptr<float>()); },
-          gate_up_bias.data_ptr<float>(), hp);
-  const float a = static_cast<float>(alpha), l = static_cast<float>(limit);
-  for (int64_t j = 0; j < k; ++j) {  // clamped SwiGLU (ossgpt.model.moe.clamped_swiglu), then quantized
-    float* hj = hp + j * I2;
-    for (int64_t i = 0; i < I; ++i) {
-      const float gate = std::min(hj[2 * i], l), up = std::clamp(hj[2 * i + 1], -l, l);
-      hj[i] = (up + 1.f) * (gate / (1.f + std::exp(-a * gate)));  // in place: column i is read before written
-    }
-    quantize_row(hj, qhp + j * I, dhp + j * G_mid, I, down(j).layout());
-  }
-  project(H, G_mid, down, [&](int64_t j) { return std::pair(qhp + j * I, dhp + j * G_mid); },
-          down_bias.data_ptr<float>(), op);
-  const float* w = mix.data_ptr<float>();
-  auto y = torch::zeros({1, H}, opts);
-  float* yp = y.data_ptr<float>();
-  for (int64_t j = 0; j < k; ++j)
-    for (int64_t c = 0; c < H; ++c) yp[c] += w[j] * op[j * H + c];
-  return y;
+// int8 experts: gate_up [E, 2I, H] and down [E, H, I] int8 with float32 row scales [E, 2I] and [E, H]; see
+// fused_experts.
+torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& experts, const torch::Tensor& mix,
+                           const torch::Tensor& gate_up, const torch::Tensor& gate_up_scales,
+                           const torch::Tensor& gate_up_bias, const torch::Tensor& down,
+                           const torch::Tensor& down_scales, const torch::Tensor& down_bias, double alpha,
+                           double limit) {
+  TORCH_CHECK(gate_up.scalar_type() == torch::kInt8 && down.scalar_type() == torch::kInt8 && gate_up.dim() == 3 &&
+                  down.dim() == 3 && gate_up.is_contiguous() && down.is_contiguous(),
+              "int8 experts must be contiguous int8 [E, 2I, H] and [E, H, I]");
+  const int64_t E = gate_up.size(0), H = gate_up.size(2), I = down.size(2);
+  TORCH_CHECK(gate_up.size(1) == 2 * I && down.size(0) == E && down.size(1) == H, "expert shapes do not match");
+  TORCH_CHECK(gate_up_scales.scalar_type() == torch::kFloat32 && down_scales.scalar_type() == torch::kFloat32 &&
+                  gate_up_scales.is_contiguous() && down_scales.is_contiguous() &&
+                  gate_up_scales.numel() == E * 2 * I && down_scales.numel() == E * H,
+              "int8 experts' scales must be contiguous float32 [E, 2I] and [E, H]");
+  check_activations(x, H);
+  const int8_t *gw = gate_up.data_ptr<int8_t>(), *dw = down.data_ptr<int8_t>();
+  const float *gs = gate_up_scales.data_ptr<float>(), *dsc = down_scales.data_ptr<float>();
+  auto gate_up_of = [=](int64_t e) { return Int8Weights{gw + e * 2 * I * H, gs + e * 2 * I, H}; };
+  auto down_of = [=](int64_t e) { return Int8Weights{dw + e * H * I, dsc + e * H, I}; };
+  return fused_experts(x, experts, mix, gate_up_of, down_of, E, I, gate_up_bias, down_bias, alpha, limit);
 }
 
 // x [n, K] float32 times int8 weight rows [O, K] with float32 row scales [O] + bias -> [n, O].
@@ -483,7 +556,8 @@ std::string instruction_set() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "x [n, K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [n, O] f32");
-  m.def("mxfp4_experts", &mxfp4_experts, "one token through its k MXFP4 experts (gate_up, SwiGLU, down), mixed");
+  m.def("mxfp4_experts", &mxfp4_experts, "tokens through their k MXFP4 experts (gate_up, SwiGLU, down), mixed");
+  m.def("int8_experts", &int8_experts, "tokens through their k int8 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row scales) -> [n, O] f32");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
 }
