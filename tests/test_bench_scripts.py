@@ -72,6 +72,17 @@ def test_lm_head_script():
     assert "linear_cross_entropy" in parts[3]
 
 
+def test_quantize_accuracy_script(tmp_path, heldout):
+    """On a model trained two steps (hidden 32: a multiple of 32, so W8A8 takes the native kernels where built)."""
+    run, data = tmp_path / "run", make_data(tmp_path / "data")
+    assert main(["train", "--data", str(data), "--out", str(run), *TINY, "--max-steps", "2"]) == 0
+    out = run_script("quantize_accuracy.py", "--checkpoint", run, heldout, "--seq-len", "32", "--windows", "4")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[1].strip() for row in rows] == ["none", "int8", "int8-dynamic"]
+    assert rows[0][3].strip() == "0.00000" and rows[0][4].strip() == "100.0%"  # float32 against itself
+    assert all(0 < float(row[2]) < 20 and float(row[3]) >= 0 for row in rows)
+
+
 def test_step_parts_script():
     out = run_script("step_parts.py", "--quick")
     parts = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
