@@ -40,13 +40,17 @@ from ossgpt.kernels.experts import grouped_linear, sorted_experts
 
 
 class RouterStats:
-    """What a MoE layer reports besides its output (per layer). The two losses are computed on first access, so
-    that decoding, which never reads them, does not pay for them."""
+    """What a MoE layer reports besides its output (per layer). The expert counts and the two losses are computed
+    on first access, so that decoding, which never reads them, does not pay for them."""
 
     def __init__(self, router_logits: torch.Tensor, expert_indices: torch.Tensor, num_experts: int):
         self.router_logits = router_logits  # [N, E]
         self.expert_indices = expert_indices  # [N, k]
-        self.expert_counts = torch.bincount(expert_indices.reshape(-1), minlength=num_experts)  # [E], no grad
+        self.num_experts = num_experts
+
+    @cached_property
+    def expert_counts(self) -> torch.Tensor:  # [E], tokens routed to each expert (no grad)
+        return torch.bincount(self.expert_indices.reshape(-1), minlength=self.num_experts)
 
     @cached_property
     def load_balancing_loss(self) -> torch.Tensor:  # scalar
