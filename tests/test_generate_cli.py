@@ -9,6 +9,7 @@ from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.cli import generate as generate_cli
 from ossgpt.cli import main
 from ossgpt.errors import UserError
+from ossgpt.inference import loading
 from ossgpt.inference.loading import load_model, quantize
 from ossgpt.quant.int8 import Int8Linear, quantize_for_decoding
 from ossgpt.tokenizer import ByteTokenizer, TextStream
@@ -62,6 +63,18 @@ def test_auto_is_int8_for_decoding_on_the_cpu_and_the_stored_weights_for_scoring
     decoding, scoring = load_model(checkpoint), load_model(checkpoint, decoding=False)  # `ossgpt eval` scores
     assert isinstance(decoding.lm_head, Int8Linear) and decoding.lm_head.dynamic
     assert type(scoring.lm_head) is torch.nn.Linear and scoring.lm_head.weight.dtype == torch.float32
+
+
+def test_the_memory_check_counts_what_the_int8_default_holds(checkpoint, monkeypatch):
+    """The plan checked before loading covers the tensors loaded (a float32 checkpoint keeps its float32 embedding
+    beside the int8 copies), apart from the int8 scales, which the plan leaves out."""
+    plans = []
+    monkeypatch.setattr(loading, "check_memory", lambda plan, *args, **kwargs: plans.append(plan))
+    model = load_model(checkpoint)
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}.values()  # tied ones once
+    scales = sum(t.nbytes for name, t in model.named_buffers() if name.endswith("scales"))
+    assert model.embed_tokens.weight.dtype == torch.float32
+    assert sum(t.nbytes for t in tensors) - scales <= plans[0].steady
 
 
 def test_quantize_refuses_other_devices_and_unknown_modes():

@@ -116,8 +116,10 @@ def load_model(
     if device.type == "cpu":
         config = load_config(weights, **config_overrides)
         advice = "" if keep_mxfp4 or not packed else "; keep the experts packed: leave out --no-mxfp4"
-        # Quantizing keeps the embedding table as stored: bfloat16 in the published checkpoints.
-        embedding_dtype = torch.bfloat16 if quantization not in (None, "none") else None
+        # Quantizing keeps the embedding table as stored: bfloat16 in the published (MXFP4) checkpoints; any other
+        # checkpoint's table is counted at float32, the most it can take.
+        quantizing = quantization not in (None, "none")
+        embedding_dtype = (torch.bfloat16 if packed else torch.float32) if quantizing else None
         plan = MemoryPlan.of(config, dtype, keep_mxfp4, quantization, embedding_dtype)
         check_memory(plan, min(CHECKED_CONTEXT, config.max_position_embeddings), str(directory), advice)
     # Quantizing: from the weights as stored (no float32 copy of what becomes int8), then the rest cast to dtype.
