@@ -5,6 +5,7 @@ memory-bandwidth bound and (optionally) llama.cpp run side by side.
     python bench/gpt_oss_20b.py --layers 2 --quick      # smoke run: 2 layers, short prompt
     python bench/gpt_oss_20b.py --llama-bench ~/llama.cpp/build/bin/llama-bench --gguf gpt-oss-20b.gguf
     python bench/gpt_oss_20b.py --original              # the same weights in OpenAI's original/ layout
+    python bench/gpt_oss_20b.py --batch 4 --prompt-tokens 64   # 4 prompts decoded together (tokens/s over all)
     python bench/gpt_oss_20b.py --kernels               # the native products alone: in cache, and streamed
     python bench/gpt_oss_20b.py --parts                 # where a decoded token's time goes
     python bench/gpt_oss_20b.py --layers 2 --accuracy   # the int8 path's logits against float32
@@ -213,8 +214,9 @@ def decode_bytes(model) -> tuple[int, int]:
     return int(ours), int(reference)
 
 
-def ossgpt_worker(directory: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
-    """ossgpt's side, in its own process: load as `ossgpt generate` does, then prefill and greedy decoding."""
+def ossgpt_worker(directory: Path, prompt_tokens: int, new_tokens: int, threads: int, batch: int = 1) -> dict:
+    """ossgpt's side, in its own process: load as `ossgpt generate` does, then prefill and greedy decoding of
+    `batch` prompts together (tokens/s over all of them)."""
     from ossgpt.inference.generate import stream
     from ossgpt.inference.loading import describe_weights, load_model
     from ossgpt.kernels.native import native
@@ -224,7 +226,7 @@ def ossgpt_worker(directory: Path, prompt_tokens: int, new_tokens: int, threads:
     start = time.perf_counter()
     model = load_model(directory)
     load_s = time.perf_counter() - start
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _ in stream(model, ids, 2):  # warm-up: the prompt's tokens reach every expert once
             pass
@@ -233,7 +235,8 @@ def ossgpt_worker(directory: Path, prompt_tokens: int, new_tokens: int, threads:
         for _ in stream(model, ids, new_tokens + 1):
             times.append(time.perf_counter() - start)
     ours, reference = decode_bytes(model)
-    return dict(load_s=load_s, prefill_tps=prompt_tokens / times[0], decode_tps=new_tokens / (times[-1] - times[0]),
+    return dict(load_s=load_s, prefill_tps=batch * prompt_tokens / times[0],
+                decode_tps=batch * new_tokens / (times[-1] - times[0]),
                 bytes_per_token=ours, reference_bytes_per_token=reference, weights=describe_weights(model))  # fmt: skip
 
 
@@ -252,7 +255,7 @@ def measure_ossgpt(args, directory: Path) -> dict:
     command = [sys.executable, __file__, "--worker", "--layers", str(args.layers), "--cache", str(args.cache),
                *(["--original"] if args.original else []),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-               "--threads", str(args.threads)]  # fmt: skip
+               "--threads", str(args.threads), "--batch", str(args.batch)]  # fmt: skip
     out, rss = run_child(command)
     return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": rss}
 
@@ -484,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of each side (default: 2)")
+    parser.add_argument("--batch", type=int, default=1, help="ossgpt decodes this many prompts together (default: 1)")
     parser.add_argument("--quick", action="store_true", help="32-token prompt, 8 new tokens")
     parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary, to measure beside ossgpt")
     parser.add_argument("--gguf", type=Path, help="the GGUF converted from the same checkpoint, for --llama-bench")
@@ -544,22 +548,26 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {part} | {ms:.1f} |")
         return
     if args.worker:
-        print(json.dumps(ossgpt_worker(directory, args.prompt_tokens, args.new_tokens, args.threads)))
+        print(json.dumps(ossgpt_worker(directory, args.prompt_tokens, args.new_tokens, args.threads, args.batch)))
         return
 
+    if args.batch > 1 and args.llama_bench:
+        raise SystemExit(
+            "--batch compares ossgpt with itself (llama-bench decodes one sequence); leave out --llama-bench"
+        )
     warm_page_cache(sorted(directory.glob("**/*.safetensors")) + ([args.gguf] if args.gguf else []))
     bandwidth = gemv_bandwidth(args.threads)
     ours = measure_ossgpt(args, directory)
     llama = measure_llama(args) if args.llama_bench else None
     bandwidth = max(bandwidth, gemv_bandwidth(args.threads))  # measured before and after: the better of the two
 
-    def share(tps: float, nbytes: int) -> str:
-        return f"{100 * tps * nbytes / bandwidth:.0f}%"
+    def share(tps: float, nbytes: int) -> str:  # the bytes are one row's: a batch's step reads more experts
+        return f"{100 * tps * nbytes / bandwidth:.0f}%" if args.batch == 1 else "–"
 
     ref_bytes = ours["reference_bytes_per_token"]
     layout = "original" if args.original else "Hugging Face"
     print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers, {layout} layout; "
-          f"prompt {args.prompt_tokens} tokens, "
+          f"{args.batch} prompt(s) of {args.prompt_tokens} tokens, "
           f"then {args.new_tokens} greedy tokens; float32 GEMV bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print(f"ossgpt weights: {ours['weights']}\n")
     print(
@@ -569,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(
         f"| ossgpt | {ours['load_s']:.1f} | {ours['peak_rss'] / 1e9:.1f} | {ours['prefill_tps']:.2f} | "
-        f"{ours['decode_tps']:.2f} | {ours['bytes_per_token'] / 1e9:.2f} GB | "
+        f"{ours['decode_tps']:.2f} | {ours['bytes_per_token'] / 1e9:.2f} GB{'' if args.batch == 1 else ' a row'} | "
         f"{share(ours['decode_tps'], ours['bytes_per_token'])} | {share(ours['decode_tps'], ref_bytes)} |"
     )
     if llama:
