@@ -6,7 +6,7 @@ Loads the checkpoint once as stored (float32, `--quantize none`), makes its int8
 weight-only, and W8A8, the CPU default), and runs each over the same windows of the text (the first `--windows`
 windows of `--seq-len` tokens). Prints, per mode, on the CPU:
 
-  bits/byte       the text's cross-entropy in bits per UTF-8 byte of the predicted tokens (as `ossgpt eval`)
+  bits/byte       the windows' cross-entropy in bits per UTF-8 byte of the tokens they predict
   KL              mean KL(float32 || mode) of the next-token distributions, in nats
   same argmax     the share of positions where the mode's most likely next token is float32's (what greedy picks)
 """
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ossgpt.cli.eval import read_document
+from ossgpt.errors import UserError
 from ossgpt.inference.loading import load_model_and_tokenizer, quantize
 
 
@@ -30,6 +33,14 @@ def logits_of(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except UserError as error:  # a missing or empty text, a checkpoint that cannot load: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a model or training run directory")
     parser.add_argument("files", nargs="+", type=Path, help="text to predict")
@@ -38,11 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, device="cpu", quantization="none")
-    ids = torch.tensor(tokenizer.encode("\n\n".join(path.read_text() for path in args.files)))
+    ids = torch.tensor(tokenizer.encode("\n\n".join(read_document(path) for path in args.files)))
     T = args.seq_len
     n = min(args.windows, (len(ids) - 1) // T)
     if n < 1:
-        raise SystemExit(f"the text has {len(ids)} tokens: fewer than one window of {T} + 1")
+        raise UserError(f"the text has {len(ids)} tokens, fewer than one window of {T} + 1; pass more text or a "
+                        "smaller --seq-len")  # fmt: skip
     inputs, targets = ids[: n * T].view(n, T), ids[1 : n * T + 1].view(n, T)
     text_bytes = len(tokenizer.decode(targets.flatten().tolist()).encode())
     reference = logits_of(model, inputs).log_softmax(-1)

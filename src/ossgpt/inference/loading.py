@@ -97,8 +97,8 @@ def load_model(
     float weights. quantization: one of QUANTIZE_MODES (None = "none"). keep_mxfp4: keep MXFP4 experts packed
     (None: on the CPU). decoding: what "auto" is for, decoding tokens (True) or scoring sequences (False).
     config_overrides change non-shape config fields at load time (e.g. RoPE scaling for context extension). On the
-    CPU, a model that will not fit in the memory available is a UserError naming the
-    figure, raised before anything is loaded.
+    CPU, a model that will not fit in the memory available is a UserError naming the figure, raised before anything
+    is loaded.
     """
     directory = resolve_checkpoint(path)
     adapted = is_adapted(directory)
@@ -113,18 +113,18 @@ def load_model(
         quantization = "none"
     if quantization == "auto":
         quantization = "int8-dynamic" if device.type == "cpu" and decoding else "none"
+    quantizing = quantization not in (None, "none")
     if device.type == "cpu":
         config = load_config(weights, **config_overrides)
         advice = "" if keep_mxfp4 or not packed else "; keep the experts packed: leave out --no-mxfp4"
         # Quantizing keeps the embedding table as stored: bfloat16 in the published (MXFP4) checkpoints; any other
         # checkpoint's table is counted at float32, the most it can take.
-        quantizing = quantization not in (None, "none")
         embedding_dtype = (torch.bfloat16 if packed else torch.float32) if quantizing else None
         plan = MemoryPlan.of(config, dtype, keep_mxfp4, quantization, embedding_dtype)
         check_memory(plan, min(CHECKED_CONTEXT, config.max_position_embeddings), str(directory), advice)
     # Quantizing: from the weights as stored (no float32 copy of what becomes int8), then the rest cast to dtype.
     # Not for adapters: they are folded into the weights in place, never into the memory-mapped file.
-    as_stored = quantization not in (None, "none") and not adapted
+    as_stored = quantizing and not adapted
     options = dict(dtype=None if as_stored else dtype, device=device, keep_mxfp4=keep_mxfp4, **config_overrides)
     if adapted and keep_mxfp4:
         model = load_adapted(directory, **options)

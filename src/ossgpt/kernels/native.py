@@ -94,9 +94,7 @@ def fused_experts(kernel: str, x, indices, weights, gate_up: tuple, down: tuple,
     call per expert and projection (the tokens rounded to int8 per block of 32)."""
     module = native() if x.device.type == "cpu" and not x.requires_grad else None
     (*gate_up_weights, gate_up_bias), (*down_weights, down_bias) = gate_up, down
-    width = down_weights[0].shape[2] * (
-        32 if kernel == "mxfp4_experts" else 1
-    )  # int8 [E, H, I]; MXFP4 [E, H, I/32, 16]
+    width = gate_up_bias.shape[-1] // 2  # I: the bias is [E, 2I] in either format
     if module is None or x.shape[0] > FUSED_EXPERTS_TOKENS or x.shape[-1] % 32 or width % 32:
         return None
     out = getattr(module, kernel)(x.float().contiguous(), indices.long().contiguous(), weights.float().contiguous(),
