@@ -1,4 +1,4 @@
-"""Parts of a training step (and two of decoding), each against the simpler form it replaced, in one process.
+"""Parts of a training step (and three of decoding), each against the simpler form it replaced, in one process.
 
   swiglu     the clamped SwiGLU's forward and backward on [8192, 1024] (the tiny step's gate/up rows): gate/up
              split by unflatten + unbind (ossgpt) vs by the stride-2 slices [..., ::2], [..., 1::2]
@@ -10,6 +10,10 @@
              torch's fused F.rms_norm on the float32 upcast (ossgpt) vs the formula step by step
   argmax     1,000 greedy picks from one decoded token's logits over the mini preset's 100,352-token vocabulary:
              ossgpt.inference.sampling.greedy (numpy's argmax on the CPU) vs torch.argmax
+  decode-attention  1,000 decoding steps' attention (one query per row over a KV cache, with sinks) at the mini
+             preset's heads (8 query heads, 2 key/value heads, 80 cached keys) and 100 at gpt-oss-20b's (64 and 8,
+             640 keys): sdpa_attention (one native call, csrc/cpu_attention.cpp) vs the path it took before, the
+             additive mask, torch's CPU flash kernel and the sink's rescaling
   expert-loop  the same projection at 32 experts ([4096, 512] x [32, 512, 1536], the MoE row of bench/run.py):
              the per-expert addmm loop as ossgpt's autograd Function (products written into preallocated
              outputs and gradients) vs the same loop left to autograd (split, addmm, cat)
@@ -28,7 +32,9 @@ import time
 import torch
 
 from ossgpt.inference.sampling import greedy
+from ossgpt.kernels.attention import _attention_with_sinks_lse, sdpa_attention
 from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
+from ossgpt.model.attention import allowed_keys
 from ossgpt.model.moe import clamped_swiglu
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
 from ossgpt.training.muon import NS_COEFFICIENTS, orthogonalize
@@ -59,6 +65,12 @@ def autograd_loop(x, weight, bias, counts):
     splits = counts.tolist()
     outs = [torch.addmm(b, xe, w) for xe, w, b in zip(x.split(splits), weight.unbind(0), bias.unbind(0))]
     return torch.cat(outs)
+
+
+def flash_with_sinks(q, k, v, sinks, visible, scale):
+    """What sdpa_attention ran for a decoding step on the CPU before its native call: the flash path."""
+    bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill(~visible, float("-inf"))
+    return _attention_with_sinks_lse(q, k, v, sinks, bias, scale)[0]
 
 
 def timed_ms(fn) -> float:
@@ -122,7 +134,30 @@ def workloads(quick: bool) -> dict:
     def picks(fn):
         return lambda: [fn(logits) for _ in range(100 if quick else 1000)]
 
+    def decode_attention(fn, heads, kv_heads, keys, calls):
+        g = torch.Generator().manual_seed(2)
+        q = torch.randn(1, heads, 1, 64, generator=g)
+        k, v = torch.randn(1, kv_heads, keys, 64, generator=g), torch.randn(1, kv_heads, keys, 64, generator=g)
+        sinks = torch.randn(heads, generator=g)
+        positions = torch.arange(keys)[None]
+        visible = allowed_keys(positions[:, -1:], positions, None)
+
+        def run():
+            with torch.no_grad():
+                for _ in range(calls // 10 if quick else calls):
+                    fn(q, k, v, sinks, visible, 0.125)
+
+        return run
+
     work = {
+        "decode-attention (mini)": (
+            decode_attention(sdpa_attention, 8, 2, 80, 1000),
+            decode_attention(flash_with_sinks, 8, 2, 80, 1000),
+        ),
+        "decode-attention (gpt-oss-20b, 640 keys)": (
+            decode_attention(sdpa_attention, 64, 8, 640, 100),
+            decode_attention(flash_with_sinks, 64, 8, 640, 100),
+        ),
         "argmax": (picks(greedy), picks(lambda t: t.argmax(dim=-1))),
         "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
         "rmsnorm": (rmsnorm(norm), rmsnorm(lambda t: rms_norm_reference(t, norm.weight, norm.eps))),

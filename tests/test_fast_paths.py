@@ -211,6 +211,25 @@ def test_sdpa_attention_matches_eager(case):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_sdpa_attention_with_rows_not_contiguous():
+    """q, k, v whose last dimension is strided (every other value of a wider tensor): torch's private CPU flash kernel
+    reads rows as if contiguous, so sdpa_attention copies them; values and gradients as the reference's."""
+    g = torch.Generator().manual_seed(5)
+    wide = [torch.randn(2, H, 6, 16, generator=g) for H in (4, 2, 2)]  # q, k, v: every other value of these
+    sinks = torch.randn(4, generator=g)
+    positions = torch.arange(6).expand(2, 6)
+    visible = allowed_keys(positions, positions, None)
+
+    def strided(attention):
+        return lambda q, k, v, sinks: attention(q[..., ::2], k[..., ::2], v[..., ::2], sinks, visible, 0.35)
+
+    ref, ref_grads = grads_of(strided(eager_attention), *wide, sinks)
+    out, grads = grads_of(strided(sdpa_attention), *wide, sinks)
+    assert_close(out, ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_sdpa_attention_without_kernel_gqa(monkeypatch):
     """Older CPU flash kernels need one key/value head per query head: the repeated-heads path is right too."""
     monkeypatch.setattr(attention_kernels, "_cpu_flash_takes_gqa", lambda: False)
@@ -336,6 +355,9 @@ def test_router_stats_are_lazy_and_right():
 
 # ---------------------------------------------------------------------------------------------- int8 decoding
 def dequantized(q, scales):
+    """int8 rows times their scales: one per row [out], or one per block of 32 [out, in / 32]."""
+    if scales.dim() == 2:
+        return (q.float().view(q.shape[0], -1, 32) * scales.float()[..., None]).flatten(1)
     return q.float() * scales.float()[:, None]
 
 

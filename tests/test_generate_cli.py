@@ -67,14 +67,13 @@ def test_auto_is_int8_for_decoding_on_the_cpu_and_the_stored_weights_for_scoring
 
 def test_the_memory_check_counts_what_the_int8_default_holds(checkpoint, monkeypatch):
     """The plan checked before loading covers the tensors loaded (a float32 checkpoint keeps its float32 embedding
-    beside the int8 copies), apart from the int8 scales, which the plan leaves out."""
+    beside the int8 copies), their scales included."""
     plans = []
     monkeypatch.setattr(loading, "check_memory", lambda plan, *args, **kwargs: plans.append(plan))
     model = load_model(checkpoint)
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}.values()  # tied ones once
-    scales = sum(t.nbytes for name, t in model.named_buffers() if name.endswith("scales"))
     assert model.embed_tokens.weight.dtype == torch.float32
-    assert sum(t.nbytes for t in tensors) - scales <= plans[0].steady
+    assert sum(t.nbytes for t in tensors) <= plans[0].steady
 
 
 def test_quantize_refuses_other_devices_and_unknown_modes():

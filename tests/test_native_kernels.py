@@ -110,17 +110,64 @@ def test_mxfp4_linear_no_rows_and_bad_shapes():
         kernels.mxfp4_linear(torch.randn(2, 64), blocks.transpose(0, 1), scales, None)
 
 
+def int8_weight64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """int8 rows [O, K] times their scales ([O] per row, or [O, K / 32] per block of 32), in float64."""
+    if s.dim() == 1:
+        return q.double() * s.double()[:, None]
+    return (q.double().view(q.shape[0], -1, 32) * s.double()[..., None]).flatten(1)
+
+
 @needs_native
+@pytest.mark.parametrize("block", [None, 32], ids=["row scales", "block scales"])
 @pytest.mark.parametrize("n", [1, 4, 6])
-def test_int8_linear_within_the_activation_rounding_bound(n):
+def test_int8_linear_within_the_activation_rounding_bound(n, block):
     g = torch.Generator().manual_seed(n)
     O, K = 45, 320  # noqa: E741
-    q, s = quantize_int8(torch.randn(O, K, generator=g))
+    q, s = quantize_int8(torch.randn(O, K, generator=g), block=block)
     x = torch.randn(n, K, generator=g)
-    w = q.double() * s.double()[:, None]
+    bias = torch.randn(O, generator=g)
+    w = int8_weight64(q, s)
+    got = int8_dynamic_linear(x, q, s, bias)
+    exact = x.double() @ w.T + bias.double()
+    assert ((got.double() - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+
+
+@needs_native
+def test_int8_block_scales_extreme_and_zero_blocks():
+    """Blocks of one row 2^-60 to 2^60 apart and all-zero blocks: each block keeps its own step (a scale per row
+    would round the small blocks to zero), within the same bound; rows batched equal rows alone, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    O, K = 21, 640  # noqa: E741
+    magnitudes = torch.exp2(torch.randint(-60, 61, (O, K // 32, 1), generator=g).float())
+    weight = (torch.randn(O, K // 32, 32, generator=g) * magnitudes).flatten(1)
+    weight[3, 64:96] = 0
+    q, s = quantize_int8(weight, block=32)
+    assert q[3, 64:96].eq(0).all() and q.abs().amax(1).eq(127).all()
+    w = int8_weight64(q, s)
+    steps = s.double().repeat_interleave(32, dim=1)
+    largest = weight.double().abs().view(O, -1, 32).amax(-1).repeat_interleave(32, dim=1)
+    assert ((w - weight.double()).abs() <= steps / 2 * (1 + 1e-6)).all()
+    assert (steps[largest > 0] <= largest[largest > 0] / 127 * (1 + 2**-8)).all()  # each block its own step
+    x = torch.randn(5, K, generator=g)
     got = int8_dynamic_linear(x, q, s)
     exact = x.double() @ w.T
     assert ((got.double() - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+    for t in range(5):
+        assert torch.equal(int8_dynamic_linear(x[t : t + 1], q, s), got[t : t + 1])
+
+
+def test_int8_linear_takes_block_scales_where_the_native_kernel_runs(monkeypatch):
+    """W8A8 on the CPU with the kernels built, when asked (the attention projections): a scale per block of 32;
+    weight-only, not asked (the LM head), or without the kernels: per row. `.weight` is what either holds."""
+    linear = torch.nn.Linear(64, 24)
+    assert Int8Linear(linear, scale_blocks=True).scales.shape == (24,)  # weight-only
+    assert Int8Linear(linear, dynamic=True).scales.shape == (24,)
+    if kernels is not None:
+        blocks = Int8Linear(linear, dynamic=True, scale_blocks=True)
+        assert blocks.scales.shape == (24, 2) and blocks.scales.dtype == torch.bfloat16
+        assert torch.equal(blocks.weight, int8_weight64(blocks.qweight, blocks.scales).float())
+    monkeypatch.setattr("ossgpt.quant.int8.block_scales_available", lambda device, width: False)
+    assert Int8Linear(linear, dynamic=True, scale_blocks=True).scales.shape == (24,)
 
 
 LESSER = [name for name in list(INSTRUCTION_SETS)[1:] if set(INSTRUCTION_SETS[name][0]) <= cpu_flags()]
@@ -139,6 +186,7 @@ def test_every_instruction_set_this_cpu_can_run_is_within_the_bound(isa, monkeyp
         g = torch.Generator().manual_seed(3)
         blocks, scales = random_mxfp4(19, 2880, g)
         q, s = quantize_int8(torch.randn(23, 2880, generator=g))
+        qb, sb = quantize_int8(torch.randn(23, 2880, generator=g), block=32)
         for n in (1, 5):
             x = torch.randn(n, 2880, generator=g)
             w = dequantize(blocks, scales).double()
@@ -148,6 +196,10 @@ def test_every_instruction_set_this_cpu_can_run_is_within_the_bound(isa, monkeyp
             w = q.double() * s.double()[:, None]
             exact = x.double() @ w.T
             got = module.int8_linear(x, q, s.float(), None).double()
+            assert ((got - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+            w = int8_weight64(qb, sb)  # a scale per block of 32
+            exact = x.double() @ w.T
+            got = module.int8_linear(x, qb, sb, None).double()
             assert ((got - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
         for kind in ("mxfp4", "int8"):  # the fused experts too (what decoding runs)
             experts, dense = random_experts(kind, 64, 96, seed=3)
@@ -421,7 +473,8 @@ def test_memory_plan_of_gpt_oss_20b_in_closed_form():
     packed = L * E * (2 * I * H + H * I) * 17 // 32  # 4 bits per weight + a scale byte per 32
     attention = L * H * c.head_dim * 2 * (c.num_attention_heads + c.num_key_value_heads)  # q and o, k and v
     plan = MemoryPlan.of(c, torch.float32, keep_mxfp4=True, quantization="int8-dynamic", embedding_dtype=torch.bfloat16)
-    small = plan.steady - packed - attention - V * H - 2 * V * H  # int8 head and matrices, bf16 embedding
+    per_weight = 1 + 2 / 32 if kernels is not None else 1  # int8, and a bfloat16 scale per 32 (with the kernels)
+    small = plan.steady - packed - per_weight * attention - V * H - 2 * V * H  # int8 matrices and head, bf16 table
     assert 0 < small < 0.01 * plan.steady  # norms, biases, router, sinks, the sliding layers' windows
     assert plan.kv_per_token == 2 * (L // 2) * c.num_key_value_heads * c.head_dim * 4  # half the layers: full
 

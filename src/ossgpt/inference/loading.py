@@ -15,7 +15,7 @@ How the weights are held (`--mxfp4`, `--quantize` of `ossgpt generate` and `ossg
     input quantized too (`int8-dynamic`), or `none`. "auto" picks int8-dynamic on the CPU, where decoding is bound
     by the bytes of weights read per token: every big matrix is then read in 8 bits per weight (4.25 for packed
     MXFP4 experts) by the native kernels, ~4x fewer bytes than float32, at a cost measured on the trained demo
-    model of +0.0003 bits/byte (BENCHMARKS.md); none on a GPU, and `--quantize none` decodes exactly on the CPU.
+    model of +0.0001 bits/byte (BENCHMARKS.md); none on a GPU, and `--quantize none` decodes exactly on the CPU.
     Scoring whole sequences (`decoding=False`: `ossgpt eval`) measures the model as stored: there "auto" is none
     (and scoring is bound by arithmetic, not by reading weights).
 `describe_weights(model)` says in one line what was chosen; the CLI prints it.
@@ -76,7 +76,9 @@ def describe_weights(model) -> str:
         parts.append(f"experts MXFP4 ({isa if model.device.type == 'cpu' else 'dequantized per call'})")
     if isinstance(model.lm_head, Int8Linear):
         kind = "W8A8" if model.lm_head.dynamic else "weight-only"
-        parts.append(f"LM head and attention int8 {kind} ({isa if model.lm_head.dynamic else 'torch kernels'})")
+        blocks = model.layers[0].self_attn.q_proj.scales.dim() == 2
+        scales = ", attention with a scale per block of 32" if blocks else ""
+        parts.append(f"LM head and attention int8 {kind}{scales} ({isa if model.lm_head.dynamic else 'torch kernels'})")
     parts.append(f"embedding {model.embed_tokens.weight.dtype}, {model.dtype} elsewhere".replace("torch.", ""))
     return ", ".join(parts)
 

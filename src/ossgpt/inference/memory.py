@@ -2,7 +2,8 @@
 
     plan = MemoryPlan.of(config, dtype, keep_mxfp4, quantization, embedding_dtype)
     plan.steady        bytes of the weights as they end up in memory: MXFP4 experts packed, int8 matrices at a
-                       byte per weight, the embedding table in `embedding_dtype`, everything else in `dtype`
+                       byte per weight and their bfloat16 scales, the embedding table in `embedding_dtype`,
+                       everything else in `dtype`
     plan.kv_per_token  the KV cache's bytes per token of context (keys and values of the full-attention layers;
                        the sliding-window layers' fixed windows are counted in `steady`)
     check_memory(plan, context, what)  UserError naming the figure when this machine has less memory available
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 from ossgpt.errors import UserError
+from ossgpt.kernels.int8 import block_scales_available
 from ossgpt.model.model import GPTOSS
+from ossgpt.quant.int8 import BLOCK
 from ossgpt.quant.mxfp4 import use_mxfp4_experts
 
 GB = 1e9
@@ -58,12 +61,13 @@ class MemoryPlan:
                 steady += tensor.numel()
             elif name == "embed_tokens.weight":
                 steady += tensor.numel() * size[embedding_dtype or dtype]
-            elif quantizing and _int8_target(name):  # a byte per weight (the scales are < 1% of that)
-                steady += tensor.numel()
+            elif quantizing and _int8_target(name):  # a byte per weight, and bfloat16 scales
+                steady += tensor.numel() + 2 * _int8_scales(name, tensor.shape, quantization)
             else:
                 steady += tensor.numel() * size[dtype]
-        if config.tie_word_embeddings and quantizing:
-            steady += config.vocab_size * config.hidden_size  # the LM head becomes an int8 copy of the embedding
+        if config.tie_word_embeddings and quantizing:  # the LM head becomes an int8 copy of the embedding
+            shape = (config.vocab_size, config.hidden_size)
+            steady += shape[0] * shape[1] + 2 * _int8_scales("lm_head.weight", shape, quantization)
         # Keys and values per layer and token; sliding-window layers keep only their window (ossgpt.model.cache).
         per_layer = 2 * config.num_key_value_heads * config.head_dim * size[dtype]
         sliding = config.layer_types.count("sliding_attention")
@@ -78,6 +82,17 @@ class MemoryPlan:
 def _int8_target(name: str) -> bool:
     """Whether ossgpt.quant.int8 stores this float tensor in int8 (LM head, attention projections, dense experts)."""
     return name == "lm_head.weight" or name.endswith(("_proj.weight", "experts.gate_up_proj", "experts.down_proj"))
+
+
+def _int8_scales(name: str, shape: tuple, quantization: str) -> int:
+    """How many scales ossgpt.quant.int8 gives this int8 tensor: one per block of 32 values for a W8A8 attention
+    projection where the native kernel multiplies it, else one per output channel."""
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]: per expert and channel
+        return shape[0] * shape[2]
+    out_features, in_features = shape
+    attention = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+    blocks = attention and quantization == "int8-dynamic" and block_scales_available(torch.device("cpu"), in_features)
+    return out_features * (in_features // BLOCK if blocks else 1)
 
 
 def available_memory() -> int | None:

@@ -10,9 +10,11 @@ against the plain version (tests/test_fast_paths.py, tests/test_mxfp4.py).
     int8.py        int8 weight-only and W8A8 products    twin of F.linear; ossgpt.quant.int8 (--quantize)
     mxfp4.py       the MXFP4 format; packed products     twin of F.linear of the dequantized weight;
                                                           ossgpt.quant.mxfp4 (--mxfp4), checkpoint loading
-    native.py      builds and loads csrc/cpu_q8.cpp      the C++ products on CPU: MXFP4 or int8 weights times
-                                                          activations rounded to int8 per block of 32 (AVX2,
-                                                          AVX-VNNI or AVX-512 VNNI, picked at run time)
+    native.py      builds and loads csrc/*.cpp           the C++ kernels on CPU (AVX2, AVX-VNNI or AVX-512 VNNI,
+                                                          picked at run time): cpu_q8.cpp, MXFP4 or int8 weights
+                                                          times activations rounded to int8 per block of 32;
+                                                          cpu_attention.cpp, a decoding step's attention (the
+                                                          twin of model.attention.eager_attention)
 
 Kernels are functions of tensors: they import nothing from the rest of ossgpt, and the model imports them.
 """

@@ -3,14 +3,17 @@
 Same contract: q [B, H, T, D], k/v [B, K, S, D], sinks [H], visible bool [B|1, 1, T, S] -> [B, H, T, D], through a
 fused kernel that never holds the [B, H, T, S] scores, grouped-query attention without copying K/V.
 
-  * On CPU: PyTorch's flash kernel on plain attention (no sink), then the sink applied as a per-row rescaling
-    from the log-sum-exp the kernel returns: out = out_plain * sigmoid(lse - sink) (`_CPUFlashAttentionWithSinks`,
-    whose backward reuses the kernel's own).
+  * On CPU, a decoding step (one query per row, no gradients, float32): one native call
+    (`ossgpt.kernels.native.decode_attention`, csrc/cpu_attention.cpp), where the flash kernel and the ops around it
+    would cost more in per-call overhead than in arithmetic.
+  * On CPU otherwise: PyTorch's flash kernel on plain attention (no sink), then the sink applied as a per-row
+    rescaling from the log-sum-exp the kernel returns: out = out_plain * sigmoid(lse - sink)
+    (`_CPUFlashAttentionWithSinks`, whose backward reuses the kernel's own).
   * Elsewhere: F.scaled_dot_product_attention with the sink folded in as one more key column (key and value zero,
     its logit supplied through the additive mask).
 
 Selected by `RuntimeOptions(attention="sdpa")` (the default); tests/test_fast_paths.py checks it against the
-einsum reference, values and gradients.
+einsum reference, values and gradients, and tests/test_decode_attention.py the decoding step's native call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from ossgpt.kernels.native import decode_attention
 
 
 def sdpa_attention(q, k, v, sinks, visible, scale):
@@ -29,10 +34,16 @@ def sdpa_attention(q, k, v, sinks, visible, scale):
     one more key column (key and value zero, logit `sinks[h]` supplied through the additive mask).
     """
     B, H, T, D = q.shape
+    if q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        out = decode_attention(q, k, v, sinks, visible, scale)  # a decoding step: one native call, or None
+        if out is not None:
+            return out
     if q.device.type == "cpu":
         # The private kernel has no autocast rule (F.scaled_dot_product_attention has): pick the dtype by hand.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        # The private kernel reads each row as contiguous whatever its stride (torch 2.13 gives wrong results for
+        # rows that are not; the public SDPA copies them first): copy such rows here too.
+        q, k, v = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, k, v))
         if k.shape[1] != H and not _cpu_flash_takes_gqa():  # older kernels: one key/value head per query head
             k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // k.shape[1], dim=1)
         bias = torch.zeros(visible.shape, dtype=dtype, device=q.device).masked_fill(~visible, float("-inf"))

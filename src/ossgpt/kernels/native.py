@@ -1,10 +1,13 @@
-"""The native CPU kernels (csrc/cpu_q8.cpp): compiled once for this machine, then loaded from a cache.
+"""The native CPU kernels (csrc/*.cpp): compiled once for this machine, then loaded from a cache.
 
     native()   the compiled module, or None where it cannot be built (no C++ compiler, no ninja, not Linux/x86):
                callers then take their pure-PyTorch path, and a one-line notice says so once.
     fused_experts(kernel, x, indices, weights, gate_up, down, alpha, limit)
                a few tokens through their experts in one call of the module's `kernel` (MXFP4 or int8 experts),
                or None where the caller should take its loop.
+    decode_attention(q, k, v, sinks, visible, scale)
+               attention with sinks for one query per row (a decoding step), or None where the caller should take
+               the fused kernel.
 
 The instruction set is picked at run time from the CPU's flags: the module is built for the best of
 `INSTRUCTION_SETS` this CPU has, under a name of its own, so a cache shared by machines with different CPUs
@@ -23,7 +26,10 @@ import platform
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_q8.cpp"
+import torch
+
+# cpu_q8.cpp: products of int8 or MXFP4 weights (and the module's bindings); cpu_attention.cpp: decoding attention.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_q8.cpp", "cpu_attention.cpp")]
 # Tokens at most per fused experts call (`fused_experts`): decoding, batched or not. There a layer's loop over its
 # experts costs more in per-op overhead than in products; a prompt's products amortize that overhead, while the fused
 # call's scratch ([tokens * k, 2I] float32) would grow with its length.
@@ -103,6 +109,23 @@ def fused_experts(kernel: str, x, indices, weights, gate_up: tuple, down: tuple,
     return out.to(x.dtype)
 
 
+def decode_attention(q, k, v, sinks, visible, scale: float):
+    """Attention with sinks for one query per row, as a decoding step asks, in one native call; None where the
+    caller should take its fused kernel (not float32 on the CPU, gradients wanted, more than one query per row, or
+    the kernels not built).
+
+    q [B, H, 1, D], k/v [B, K, S, D] (K dividing H; views of a cache's rows and columns are fine), sinks [H],
+    visible bool [B|1, 1, 1, S] -> [B, H, 1, D] float32, as `ossgpt.model.attention.eager_attention`."""
+    if q.device.type != "cpu" or q.shape[2] != 1 or torch.is_grad_enabled() or q.requires_grad:
+        return None
+    if any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    module = native()
+    if module is None:
+        return None
+    return module.decode_attention(q, k, v, sinks.float().contiguous(), visible[:, 0].contiguous(), scale)
+
+
 def _build(name: str):
     """Compile (or load from the cache) the kernels for instruction set `name`."""
     from torch.utils.cpp_extension import _get_build_directory, load
@@ -113,7 +136,7 @@ def _build(name: str):
               file=sys.stderr)  # fmt: skip
     return load(
         name=module_name,
-        sources=[str(SOURCE)],
+        sources=[str(source) for source in SOURCES],
         extra_cflags=["-O3", "-fopenmp", *INSTRUCTION_SETS[name][1]],
         extra_ldflags=["-fopenmp"],
         verbose=False,

@@ -20,7 +20,11 @@ The float32 model is the reference the tests compare against.
 its block or row per element) to the logits' error, and is the fast mode on CPU: with the native kernels
 (ossgpt.kernels.native) every product reads its int8 rows at memory speed; without them, torch._int_mm is
 about as fast as the weight-only kernel for the small matrices and faster for the LM head
-(`python bench/int8_rows.py`; the figures are in BENCHMARKS.md).
+(`python bench/int8_rows.py`; the figures are in BENCHMARKS.md). With the native kernels, the attention
+projections also get a weight scale per block of 32 values, as llama.cpp's Q8_0 does: a block's own largest value
+sets its step, finer than a row's, for 2 bytes more per 32 weights. Their rounding is what costs gpt-oss most
+accuracy; the LM head's per-row rounding costs little, and it is most of a small model's bytes, so it keeps a scale
+per row, as do the dense experts (BENCHMARKS.md has both measurements).
 """
 
 from __future__ import annotations
@@ -31,20 +35,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ossgpt.kernels.int8 import int8_dynamic_linear, int8_linear, quantize_int8
+from ossgpt.kernels.int8 import (
+    block_scales_available,
+    dequantize_int8,
+    int8_dynamic_linear,
+    int8_linear,
+    quantize_int8,
+)
 from ossgpt.kernels.native import fused_experts
 from ossgpt.model.moe import Experts
 from ossgpt.quant.mxfp4 import MXFP4Experts
 
+BLOCK = 32  # values per scale of a W8A8 weight on the CPU (the native kernel's block)
+
 
 class Int8Linear(nn.Module):
-    """nn.Linear with an int8 weight [out, in] and bfloat16 scales [out]; the bias (if any) stays float.
+    """nn.Linear with an int8 weight [out, in] and bfloat16 scales; the bias (if any) stays float.
 
-    dynamic: also quantize the input to int8 per row at run time (`int8_dynamic_linear`); else weight-only."""
+    dynamic: also quantize the input to int8 at run time (`int8_dynamic_linear`); else weight-only.
+    scale_blocks: with dynamic, where the native kernel runs the product (`block_scales_available`), give the weight
+    a scale per block of 32 values (scales [out, in / 32], llama.cpp's Q8_0) instead of one per row (scales [out])."""
 
-    def __init__(self, linear: nn.Linear, dynamic: bool = False):
+    def __init__(self, linear: nn.Linear, dynamic: bool = False, scale_blocks: bool = False):
         super().__init__()
-        qweight, scales = quantize_int8(linear.weight)
+        blocks = scale_blocks and dynamic and block_scales_available(linear.weight.device, linear.in_features)
+        qweight, scales = quantize_int8(linear.weight, block=BLOCK if blocks else None)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -53,10 +68,12 @@ class Int8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float32 weight (for code that reads `.weight`, e.g. the chunked loss)."""
-        return self.qweight.float() * self.scales.float()[:, None]
+        return dequantize_int8(self.qweight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = (int8_dynamic_linear if self.dynamic else int8_linear)(x, self.qweight, self.scales)
+        if self.dynamic:
+            return int8_dynamic_linear(x, self.qweight, self.scales, self.bias)
+        out = int8_linear(x, self.qweight, self.scales)
         return out if self.bias is None else out + self.bias
 
 
@@ -150,7 +167,7 @@ def quantize_for_decoding(
     for layer in quantized.layers:
         attention = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attention, name, Int8Linear(getattr(attention, name), dynamic=dynamic))
+            setattr(attention, name, Int8Linear(getattr(attention, name), dynamic=dynamic, scale_blocks=True))
         if not isinstance(layer.mlp.experts, MXFP4Experts):
             layer.mlp.experts = Int8Experts(layer.mlp.experts, quantized.config, dynamic=dynamic)
     if dtype is not None:

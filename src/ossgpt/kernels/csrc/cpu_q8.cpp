@@ -13,7 +13,7 @@
 //          FP4 value times 2 is an integer (0, 1, 2, 3, 4, 6, 8, 12 and negatives), so a 16-entry table turns
 //          codes into int8 and s = 2^(e - 127) / 2.
 //   int8:  a row of int8 values with one float scale per row (ossgpt.kernels.int8.quantize_int8); s = 1 per
-//          block and the row scale multiplies the sum at the end.
+//          block and the row scale multiplies the sum at the end. Or a bfloat16 scale per block of 32 (s).
 //
 // Instruction sets are picked when ossgpt.kernels.native compiles this file for the machine it runs on:
 // AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
@@ -141,6 +141,10 @@ struct MXFP4Weights {
     const __m512i codes = _mm512_and_si512(_mm512_mask_srli_epi16(bytes, 0xFFFF0000, bytes, 4), _mm512_set1_epi8(0x0F));
     return _mm512_shuffle_epi8(table, codes);
   }
+  // Each int32 lane's block's scale, blocks b and b + 1 (lanes of kSecondBlock).
+  __m512 block_scales2(int64_t o, int64_t b) const {
+    return _mm512_mask_blend_ps(kSecondBlock, _mm512_set1_ps(block_scale(o, b)), _mm512_set1_ps(block_scale(o, b + 1)));
+  }
 #endif
 };
 
@@ -164,6 +168,31 @@ struct Int8Weights {
 #if defined(OSSGPT_AVX512)
   static constexpr __mmask16 kSecondBlock = 0xFF00;
   __m512i block2(int64_t o, int64_t b) const { return _mm512_loadu_si512(weight + o * K + b * QK); }
+  __m512 block_scales2(int64_t, int64_t) const { return _mm512_set1_ps(1.f); }
+#endif
+};
+
+// int8 rows with a bfloat16 scale per block of 32 (llama.cpp's Q8_0, with bf16 scales): a block's largest value sets
+// its own step, ~1.8x finer than one step per row for Gaussian rows, for 2 bytes more per 32.
+struct Int8BlockWeights : Int8Weights {
+  const uint16_t* block_scales;  // [O, K / 32], bfloat16 bits
+  float block_scale(int64_t o, int64_t b) const {
+    const uint32_t bits = uint32_t(block_scales[o * (K / QK) + b]) << 16;  // bfloat16 -> float32: the high half
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return scale;
+  }
+  float row_scale(int64_t) const { return 1.f; }
+#if defined(OSSGPT_AVX512)
+  // Blocks b and b + 1's scales in one 4-byte load, both bfloat16s in every int32 lane: b's is the low half (shifted
+  // up to a float32's place), b + 1's the high half (already there).
+  __m512 block_scales2(int64_t o, int64_t b) const {
+    int32_t pair;
+    std::memcpy(&pair, block_scales + o * (K / QK) + b, sizeof pair);
+    const __m512i both = _mm512_set1_epi32(pair);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(kSecondBlock, _mm512_slli_epi32(both, 16),
+                                                       _mm512_and_si512(both, _mm512_set1_epi32(int32_t(0xFFFF0000)))));
+  }
 #endif
 };
 
@@ -241,8 +270,7 @@ inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_
       const __m512i wb = w.block2(o + r, b);
       w_abs[r] = _mm512_abs_epi8(wb);
       negative[r] = _mm512_movepi8_mask(wb);
-      w_scale[r] = _mm512_mask_blend_ps(W::kSecondBlock, _mm512_set1_ps(w.block_scale(o + r, b)),
-                                        _mm512_set1_ps(w.block_scale(o + r, b + 1)));
+      w_scale[r] = w.block_scales2(o + r, b);
     }
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
@@ -527,15 +555,25 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& experts,
   return fused_experts(x, experts, mix, gate_up_of, down_of, E, I, gate_up_bias, down_bias, alpha, limit);
 }
 
-// x [n, K] float32 times int8 weight rows [O, K] with float32 row scales [O] + bias -> [n, O].
+// x [n, K] float32 times int8 weight rows [O, K] + bias -> [n, O], with float32 row scales [O] or bfloat16 scales
+// per block of 32 [O, K / 32].
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.is_contiguous(),
               "weight must be a contiguous int8 matrix [O, K]");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == weight.size(0),
-              "scales must be a contiguous float32 vector [O]");
   const int64_t O = weight.size(0), K = weight.size(1);
   check_activations(x, K);
+  TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
+  if (scales.dim() == 2) {
+    TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == O && scales.size(1) == K / QK,
+                "block scales must be bfloat16 [O, K / 32]");
+    Int8BlockWeights w;
+    w.weight = weight.data_ptr<int8_t>(), w.scales = nullptr, w.K = K;
+    w.block_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+    return run(w, x, O, bias);
+  }
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == O,
+              "row scales must be a float32 vector [O]");
   const Int8Weights w{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K};
   return run(w, x, O, bias);
 }
@@ -554,10 +592,15 @@ std::string instruction_set() {
 
 }  // namespace
 
+// csrc/cpu_attention.cpp, compiled into the same module.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& sinks, const torch::Tensor& visible, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "x [n, K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [n, O] f32");
   m.def("mxfp4_experts", &mxfp4_experts, "tokens through their k MXFP4 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_experts", &int8_experts, "tokens through their k int8 experts (gate_up, SwiGLU, down), mixed");
-  m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row scales) -> [n, O] f32");
+  m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row or bf16 block scales) -> [n, O] f32");
+  m.def("decode_attention", &decode_attention, "attention with sinks for a few queries over a KV cache (decoding)");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
 }

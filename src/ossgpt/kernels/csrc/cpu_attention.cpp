@@ -1,0 +1,242 @@
+// Attention with sinks for a decoding step: one query per row over the keys and values in the KV cache.
+//
+// The native twin of ossgpt.model.attention.eager_attention for a few queries (a decoding step has one per row),
+// where torch's CPU flash kernel and the ops around it (the additive mask, the sink's rescaling) cost far more in
+// per-call overhead than in arithmetic. For each row b, query t and head h (key/value head h / (H / K)):
+//
+//     score_s = scale * q . k_s             over the visible keys s only
+//     m       = max(sink_h, max_s score_s)
+//     l       = e^(sink_h - m) + sum_s e^(score_s - m)          the sink joins the softmax's denominator ...
+//     out     = sum_s e^(score_s - m) v_s / l                   ... but has no value: it only soaks up weight
+//
+// in float32. Each (b, t, h) is computed alone, in the same order whatever the batch, so a row's output does not
+// depend on the rows decoded beside it. Rows with no visible key (left padding) get zeros, as the reference does.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Eight floats, for sums the compiler keeps in registers: one AVX2 register, half an AVX-512 one, two SSE ones.
+typedef float Vec __attribute__((vector_size(32)));
+typedef int32_t Lanes __attribute__((vector_size(32)));  // lane indices for GCC's shuffle
+
+// Lanes of (x, y), 0-7 from x and 8-15 from y, in the order given. (GCC before 12 lacks clang's builtin.)
+#if defined(__clang__)
+#define SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+#define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, Lanes{__VA_ARGS__})
+#endif
+
+Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+
+void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+// max(start, x[0], ..., x[n-1]), eight lanes at a time (a float max loop does not vectorize by itself: max is not
+// associative once NaNs are considered).
+float max_of(const float* x, int64_t n, float start) {
+  Vec most = Vec{} + start;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const Vec v = load(x + j);
+    most = v > most ? v : most;
+  }
+  float m = start;
+  for (int l = 0; l < 8; ++l) m = std::max(m, most[l]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// Eight vectors -> the vector of their lane sums, [sum of a's lanes, of b's, ..., of h's], in three rounds of
+// pairwise shuffles and adds (a transpose folded into the sums) instead of eight horizontal reductions.
+Vec lane_sums(Vec a, Vec b, Vec c, Vec d, Vec e, Vec f, Vec g, Vec h) {
+  auto fold1 = [](Vec x, Vec y) {  // lanes: x's and y's alternately, each the sum of two of its lanes
+    return SHUFFLE(x, y, 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  };
+  auto fold2 = [](Vec x, Vec y) {  // of two fold1s: lanes for four vectors, twice, each a sum of four lanes
+    return SHUFFLE(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  };
+  const Vec x = fold2(fold1(a, b), fold1(c, d)), y = fold2(fold1(e, f), fold1(g, h));
+  return SHUFFLE(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// e^x for x <= 0 (a score minus its row's maximum) in plain arithmetic, so that `omp simd` loops vectorize it (the
+// library's expf is a call per value). x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2; e^r by its Taylor
+// series to r^7 (truncation error < 6e-9 relative); 2^n written straight into the float's exponent bits.
+// Arguments below -87 (where e^x nears float32's smallest normal number) are taken as -87: e^-87 ~ 1.6e-38 is
+// nothing next to the maximum's weight of 1.
+inline float exp_nonpositive(float x) {
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f + kShifter;
+  const float n = t - kShifter;                                            // round(x / ln2), in [-126, 0]
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;  // ln2 in two parts: r nearly exact
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &t, sizeof bits);             // the float t holds 0x4B400000 + n
+  bits = (bits - 0x4B400000 + 127) << 23;          // 2^n: biased exponent n + 127, in [1, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// One query through the attention: query [D] over the keys and values in slots slot[0..n) of a cache (rows
+// key_stride / value_stride apart), with the sink's logit -> out [D]. scratch holds n floats.
+// kD: the head size when known at compile time (gpt-oss's 64), so that the sums stay in registers; 0: D at run time.
+template <int64_t kD>
+void attend(const float* query, const float* keys, int64_t key_stride, const float* values, int64_t value_stride,
+            const int64_t* slot, int64_t n, int64_t D_, float scale, float sink, float* scratch, float* out) {
+  static_assert(kD % 16 == 0, "a head size known at compile time is a whole number of vector pairs");
+  constexpr int64_t kChunks = kD > 0 ? kD / 8 : 1;  // (1: unused)
+  const int64_t D = kD > 0 ? kD : D_;
+  // Scores. Known D: eight keys at a time, each a vector of partial sums, reduced together (lane_sums).
+  // Else four keys at a time. Either way independent sums, where one dot product after another would wait on each
+  // sum's additions in turn.
+  int64_t j = 0;
+  if (kD > 0) {
+    Vec q[kChunks];
+    for (int64_t c = 0; c < kChunks; ++c) q[c] = load(query + 8 * c);
+    auto partial = [&](int64_t i) {  // the key in slot[i] times q, as 8 partial sums (two chains of products)
+      const float* key = keys + slot[i] * key_stride;
+      Vec a = q[0] * load(key), b = q[1] * load(key + 8);
+      for (int64_t c = 2; c < kChunks; c += 2) {
+        a += q[c] * load(key + 8 * c);
+        b += q[c + 1] * load(key + 8 * c + 8);
+      }
+      return a + b;
+    };
+    for (; j + 8 <= n; j += 8) {
+      store(scratch + j, scale * lane_sums(partial(j), partial(j + 1), partial(j + 2), partial(j + 3),
+                                           partial(j + 4), partial(j + 5), partial(j + 6), partial(j + 7)));
+    }
+    for (; j < n; ++j) {
+      const Vec p = partial(j);
+      float sum = 0.f;
+      for (int l = 0; l < 8; ++l) sum += p[l];
+      scratch[j] = scale * sum;
+    }
+  }
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = keys + slot[j] * key_stride;
+    const float* k1 = keys + slot[j + 1] * key_stride;
+    const float* k2 = keys + slot[j + 2] * key_stride;
+    const float* k3 = keys + slot[j + 3] * key_stride;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < D; ++d) {
+      s0 += query[d] * k0[d];
+      s1 += query[d] * k1[d];
+      s2 += query[d] * k2[d];
+      s3 += query[d] * k3[d];
+    }
+    scratch[j] = scale * s0, scratch[j + 1] = scale * s1, scratch[j + 2] = scale * s2, scratch[j + 3] = scale * s3;
+  }
+  for (; j < n; ++j) {
+    const float* k0 = keys + slot[j] * key_stride;
+    float s0 = 0.f;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t d = 0; d < D; ++d) s0 += query[d] * k0[d];
+    scratch[j] = scale * s0;
+  }
+  const float m = max_of(scratch, n, sink);
+  // Softmax weights, the sink in the denominator only.
+  float total = exp_nonpositive(sink - m);
+#pragma omp simd reduction(+ : total)
+  for (j = 0; j < n; ++j) {
+    scratch[j] = exp_nonpositive(scratch[j] - m);
+    total += scratch[j];
+  }
+  const float inv = 1.f / total;
+  if (kD > 0) {  // the weighted values, D / 8 independent sums held in registers
+    Vec sum[kChunks] = {};
+    for (j = 0; j < n; ++j) {
+      const float* value = values + slot[j] * value_stride;
+      const float p = scratch[j];
+      for (int64_t c = 0; c < kChunks; ++c) sum[c] += p * load(value + 8 * c);
+    }
+    for (int64_t c = 0; c < kChunks; ++c) store(out + 8 * c, sum[c] * inv);
+    return;
+  }
+  std::fill(out, out + D, 0.f);
+  for (j = 0; j < n; ++j) {
+    const float* value = values + slot[j] * value_stride;
+    const float p = scratch[j];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] += p * value[d];
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+}
+
+}  // namespace
+
+// q [B, H, T, D], k/v [B, K, S, D] (float32, innermost dimension contiguous; any other strides, e.g. a view of
+// some rows and columns of a cache), sinks [H] float32, visible [B or 1, T, S] bool (contiguous), scale
+// -> out [B, H, T, D] float32.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& sinks, const torch::Tensor& visible, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "q must be [B, H, T, D] and k, v [B, K, S, D] with K dividing H");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+                  v.scalar_type() == torch::kFloat32 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "q, k and v must be float32 with contiguous rows");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), K = k.size(1), S = k.size(2);
+  TORCH_CHECK(sinks.scalar_type() == torch::kFloat32 && sinks.is_contiguous() && sinks.numel() == H,
+              "sinks must be a contiguous float32 vector [H]");
+  TORCH_CHECK(visible.scalar_type() == torch::kBool && visible.is_contiguous() && visible.dim() == 3 &&
+                  (visible.size(0) == B || visible.size(0) == 1) && visible.size(1) == T && visible.size(2) == S,
+              "visible must be a contiguous bool tensor [B or 1, T, S]");
+  auto out = torch::empty({B, H, T, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* sp = sinks.data_ptr<float>();
+  const bool* mp = visible.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t G = H / K, mask_rows = visible.size(0);
+  const float fscale = static_cast<float>(scale);
+  const auto one = D == 64 ? attend<64> : attend<0>;
+  // A unit of work is one (b, t) and one key/value head: its G query heads see the same keys. ~4 G S D flops:
+  // enough units go to a thread that its share is worth starting.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, G * S * D));
+  at::parallel_for(0, B * T * K, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(S);  // the visible keys' scores, then their softmax weights
+    std::vector<int64_t> slot(S);   // ... and the cache slots they are in
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t kv = unit % K, t = (unit / K) % T, b = unit / (K * T);
+      const bool* seen = mp + ((mask_rows == 1 ? 0 : b) * T + t) * S;
+      int64_t n = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        if (seen[s]) slot[n++] = s;
+      }
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        float* o = op + ((b * H + h) * T + t) * D;
+        if (n == 0) {  // all the weight is on the sink, which has no value
+          std::fill(o, o + D, 0.f);
+          continue;
+        }
+        one(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), kp + b * k.stride(0) + kv * k.stride(1),
+            k.stride(2), vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), slot.data(), n, D, fscale, sp[h],
+            scratch.data(), o);
+      }
+    }
+  });
+  return out;
+}
