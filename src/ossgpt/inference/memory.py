@@ -25,7 +25,7 @@ import torch
 from ossgpt.errors import UserError
 from ossgpt.kernels.int8 import block_scales_available
 from ossgpt.model.model import GPTOSS
-from ossgpt.quant.int8 import BLOCK
+from ossgpt.quant.int8 import ATTENTION_PROJECTIONS, BLOCK
 from ossgpt.quant.mxfp4 import use_mxfp4_experts
 
 GB = 1e9
@@ -90,7 +90,7 @@ def _int8_scales(name: str, shape: tuple, quantization: str) -> int:
     if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]: per expert and channel
         return shape[0] * shape[2]
     out_features, in_features = shape
-    attention = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+    attention = name.endswith(tuple(f"{projection}.weight" for projection in ATTENTION_PROJECTIONS))
     blocks = attention and quantization == "int8-dynamic" and block_scales_available(torch.device("cpu"), in_features)
     return out_features * (in_features // BLOCK if blocks else 1)
 

@@ -29,18 +29,19 @@ from ossgpt.kernels.native import decode_attention
 def sdpa_attention(q, k, v, sinks, visible, scale):
     """Same contract as `eager_attention`, through a fused attention kernel (no [B, H, T, S] scores in memory).
 
-    On CPU: PyTorch's flash kernel without any sink column, the sink applied afterwards from the log-sum-exp the
-    kernel returns (`_CPUFlashAttentionWithSinks`). Elsewhere: the public SDPA call with the sink folded in as
-    one more key column (key and value zero, logit `sinks[h]` supplied through the additive mask).
+    On CPU: a decoding step in one native call (`decode_attention`); otherwise PyTorch's flash kernel without any
+    sink column, the sink applied afterwards from the log-sum-exp the kernel returns (`_CPUFlashAttentionWithSinks`).
+    Elsewhere: the public SDPA call with the sink folded in as one more key column (key and value zero, logit
+    `sinks[h]` supplied through the additive mask).
     """
     B, H, T, D = q.shape
-    if q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-        out = decode_attention(q, k, v, sinks, visible, scale)  # a decoding step: one native call, or None
+    if q.device.type == "cpu":
+        autocast = torch.is_autocast_enabled("cpu")
+        out = None if autocast else decode_attention(q, k, v, sinks, visible, scale)  # None: not a decoding step
         if out is not None:
             return out
-    if q.device.type == "cpu":
         # The private kernel has no autocast rule (F.scaled_dot_product_attention has): pick the dtype by hand.
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
         # The private kernel reads each row as contiguous whatever its stride (torch 2.13 gives wrong results for
         # rows that are not; the public SDPA copies them first): copy such rows here too.
         q, k, v = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, k, v))
@@ -49,7 +50,7 @@ def sdpa_attention(q, k, v, sinks, visible, scale):
         bias = torch.zeros(visible.shape, dtype=dtype, device=q.device).masked_fill(~visible, float("-inf"))
         if torch.is_grad_enabled():
             return _CPUFlashAttentionWithSinks.apply(q, k, v, sinks, bias, scale)
-        return _attention_with_sinks_lse(q, k, v, sinks, bias, scale)[0]  # decoding: skip the autograd wrapper
+        return _attention_with_sinks_lse(q, k, v, sinks, bias, scale)[0]  # no gradients: skip the autograd wrapper
     bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
     zero = k.new_zeros(B, k.shape[1], 1, D)
     k = torch.cat([k, zero], dim=2)  # the sink "key": its logit comes entirely from the mask below

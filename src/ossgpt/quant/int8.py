@@ -47,6 +47,7 @@ from ossgpt.model.moe import Experts
 from ossgpt.quant.mxfp4 import MXFP4Experts
 
 BLOCK = 32  # values per scale of a W8A8 weight on the CPU (the native kernel's block)
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention's modules that become int8
 
 
 class Int8Linear(nn.Module):
@@ -166,7 +167,7 @@ def quantize_for_decoding(
     quantized.lm_head = Int8Linear(quantized.lm_head, dynamic=dynamic)
     for layer in quantized.layers:
         attention = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in ATTENTION_PROJECTIONS:
             setattr(attention, name, Int8Linear(getattr(attention, name), dynamic=dynamic, scale_blocks=True))
         if not isinstance(layer.mlp.experts, MXFP4Experts):
             layer.mlp.experts = Int8Experts(layer.mlp.experts, quantized.config, dynamic=dynamic)

@@ -103,13 +103,13 @@ template <int64_t kD>
 void attend(const float* query, const float* keys, int64_t key_stride, const float* values, int64_t value_stride,
             const int64_t* slot, int64_t n, int64_t D_, float scale, float sink, float* scratch, float* out) {
   static_assert(kD % 16 == 0, "a head size known at compile time is a whole number of vector pairs");
-  constexpr int64_t kChunks = kD > 0 ? kD / 8 : 1;  // (1: unused)
+  constexpr int64_t kChunks = kD / 8;
   const int64_t D = kD > 0 ? kD : D_;
   // Scores. Known D: eight keys at a time, each a vector of partial sums, reduced together (lane_sums).
   // Else four keys at a time. Either way independent sums, where one dot product after another would wait on each
   // sum's additions in turn.
   int64_t j = 0;
-  if (kD > 0) {
+  if constexpr (kD > 0) {
     Vec q[kChunks];
     for (int64_t c = 0; c < kChunks; ++c) q[c] = load(query + 8 * c);
     auto partial = [&](int64_t i) {  // the key in slot[i] times q, as 8 partial sums (two chains of products)
@@ -131,28 +131,29 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
       for (int l = 0; l < 8; ++l) sum += p[l];
       scratch[j] = scale * sum;
     }
-  }
-  for (; j + 4 <= n; j += 4) {
-    const float* k0 = keys + slot[j] * key_stride;
-    const float* k1 = keys + slot[j + 1] * key_stride;
-    const float* k2 = keys + slot[j + 2] * key_stride;
-    const float* k3 = keys + slot[j + 3] * key_stride;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  } else {
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = keys + slot[j] * key_stride;
+      const float* k1 = keys + slot[j + 1] * key_stride;
+      const float* k2 = keys + slot[j + 2] * key_stride;
+      const float* k3 = keys + slot[j + 3] * key_stride;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t d = 0; d < D; ++d) {
-      s0 += query[d] * k0[d];
-      s1 += query[d] * k1[d];
-      s2 += query[d] * k2[d];
-      s3 += query[d] * k3[d];
+      for (int64_t d = 0; d < D; ++d) {
+        s0 += query[d] * k0[d];
+        s1 += query[d] * k1[d];
+        s2 += query[d] * k2[d];
+        s3 += query[d] * k3[d];
+      }
+      scratch[j] = scale * s0, scratch[j + 1] = scale * s1, scratch[j + 2] = scale * s2, scratch[j + 3] = scale * s3;
     }
-    scratch[j] = scale * s0, scratch[j + 1] = scale * s1, scratch[j + 2] = scale * s2, scratch[j + 3] = scale * s3;
-  }
-  for (; j < n; ++j) {
-    const float* k0 = keys + slot[j] * key_stride;
-    float s0 = 0.f;
+    for (; j < n; ++j) {
+      const float* k0 = keys + slot[j] * key_stride;
+      float s0 = 0.f;
 #pragma omp simd reduction(+ : s0)
-    for (int64_t d = 0; d < D; ++d) s0 += query[d] * k0[d];
-    scratch[j] = scale * s0;
+      for (int64_t d = 0; d < D; ++d) s0 += query[d] * k0[d];
+      scratch[j] = scale * s0;
+    }
   }
   const float m = max_of(scratch, n, sink);
   // Softmax weights, the sink in the denominator only.
@@ -163,7 +164,7 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
     total += scratch[j];
   }
   const float inv = 1.f / total;
-  if (kD > 0) {  // the weighted values, D / 8 independent sums held in registers
+  if constexpr (kD > 0) {  // the weighted values, D / 8 independent sums held in registers
     Vec sum[kChunks] = {};
     for (j = 0; j < n; ++j) {
       const float* value = values + slot[j] * value_stride;
@@ -171,17 +172,17 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
       for (int64_t c = 0; c < kChunks; ++c) sum[c] += p * load(value + 8 * c);
     }
     for (int64_t c = 0; c < kChunks; ++c) store(out + 8 * c, sum[c] * inv);
-    return;
-  }
-  std::fill(out, out + D, 0.f);
-  for (j = 0; j < n; ++j) {
-    const float* value = values + slot[j] * value_stride;
-    const float p = scratch[j];
+  } else {
+    std::fill(out, out + D, 0.f);
+    for (j = 0; j < n; ++j) {
+      const float* value = values + slot[j] * value_stride;
+      const float p = scratch[j];
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] += p * value[d];
-  }
+      for (int64_t d = 0; d < D; ++d) out[d] += p * value[d];
+    }
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
 }
 
 }  // namespace
