@@ -77,6 +77,21 @@ def test_mxfp4_linear_within_the_activation_rounding_bound(n, K):
 
 
 @needs_native
+def test_linear_kernels_take_leading_dimensions_as_rows():
+    """x [B, T, K] goes through the kernels as it is (no reshape around the call): each row's result is the one it
+    gets in a [rows, K] matrix, bit for bit, and the output keeps x's leading dimensions."""
+    g = torch.Generator().manual_seed(11)
+    blocks, scales = random_mxfp4(40, 64, g)
+    q, s = quantize_int8(torch.randn(40, 64, generator=g), block=32)
+    bias = torch.randn(40, generator=g)
+    x = torch.randn(2, 3, 64, generator=g)
+    for product in (lambda x: mxfp4_linear(x, blocks, scales, bias), lambda x: int8_dynamic_linear(x, q, s, bias)):
+        out = product(x)
+        assert out.shape == (2, 3, 40)
+        assert torch.equal(out.view(6, 40), product(x.view(6, 64)))
+
+
+@needs_native
 def test_mxfp4_linear_extreme_scales_and_zero_blocks():
     """Block exponents 0x00 (2^-127) and 0xFE (2^127) in the same rows as ordinary ones, activations spanning
     2^-100 .. 2^20, all-zero activation blocks, and zero rows: still within the bound (float64 reference)."""

@@ -94,15 +94,14 @@ def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     elsewhere the same integer products in float32 (exact while in x 127^2 < 2^24, i.e. in <= 1040; float32-rounded
     sums beyond). Weights with block scales (`block_scales_available`) are for the native kernel; elsewhere
     they are dequantized for an ordinary product."""
-    flat = x.reshape(-1, x.shape[-1])
     module = native() if x.device.type == "cpu" and x.shape[-1] % 32 == 0 else None
-    if module is not None:
+    if module is not None:  # (x's leading dimensions go through the kernel as they are: no views to pay for)
         row_or_block = scales if scales.dim() == 2 else scales.float()
         bias = None if bias is None else bias.float().contiguous()
-        out = module.int8_linear(flat.float().contiguous(), weight, row_or_block, bias)
-        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return module.int8_linear(x.float().contiguous(), weight, row_or_block, bias).to(x.dtype)
     if scales.dim() == 2:
         return F.linear(x, dequantize_int8(weight, scales).to(x.dtype), bias)
+    flat = x.reshape(-1, x.shape[-1])
     out = _int8_dynamic_rows(flat, weight, scales).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 

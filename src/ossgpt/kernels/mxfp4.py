@@ -131,6 +131,5 @@ def mxfp4_linear(
     module = native() if x.device.type == "cpu" else None
     if module is None or x.requires_grad:
         return F.linear(x, dequantize(blocks, scales, x.dtype), bias)
-    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    out = module.mxfp4_linear(flat, blocks, scales, None if bias is None else bias.float().contiguous())
-    return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
+    bias = None if bias is None else bias.float().contiguous()
+    return module.mxfp4_linear(x.float().contiguous(), blocks, scales, bias).to(x.dtype)

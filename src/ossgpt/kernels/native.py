@@ -8,6 +8,9 @@
     decode_attention(q, k, v, sinks, visible, scale)
                attention with sinks for one query per row (a decoding step), or None where the caller should take
                the fused kernel.
+    rms_norm(x, weight, eps), rotary(x, cos, sin), visible_keys(query_positions, key_positions, window)
+               the element-wise steps around the products (ossgpt.model's RMSNorm, apply_rotary, allowed_keys) in
+               one call each, or None where the caller should take its torch ops.
 
 The instruction set is picked at run time from the CPU's flags: the module is built for the best of
 `INSTRUCTION_SETS` this CPU has, under a name of its own, so a cache shared by machines with different CPUs
@@ -28,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-# cpu_q8.cpp: products of int8 or MXFP4 weights (and the module's bindings); cpu_attention.cpp: decoding attention.
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_q8.cpp", "cpu_attention.cpp")]
+# cpu_q8.cpp: products of int8 or MXFP4 weights (and the module's bindings); cpu_attention.cpp: decoding attention;
+# cpu_elementwise.cpp: RMSNorm, the rotary embedding and the visibility mask.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_q8.cpp", "cpu_attention.cpp", "cpu_elementwise.cpp")]
 # Tokens at most per fused experts call (`fused_experts`): decoding, batched or not. There a layer's loop over its
 # experts costs more in per-op overhead than in products; a prompt's products amortize that overhead, while the fused
 # call's scratch ([tokens * k, 2I] float32) would grow with its length.
@@ -123,7 +127,51 @@ def decode_attention(q, k, v, sinks, visible, scale: float):
     module = native()
     if module is None:
         return None
-    return module.decode_attention(q, k, v, sinks.float().contiguous(), visible[:, 0].contiguous(), scale)
+    return module.decode_attention(q, k, v, sinks.float().contiguous(), visible.contiguous(), scale)
+
+
+# The element-wise steps. Each runs where the model's torch ops would compute in float32 on the CPU without
+# gradients: decoding, prompts, evaluation. Training keeps the torch ops, whose backward autograd knows.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x [..., D] float32, weight [D] float32 -> weight * x / sqrt(mean(x^2) + eps), x's shape
+    (ossgpt.model.norms.rms_norm_reference); None where the caller should take torch's kernel."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    if _gradients_wanted(x, weight) or (module := native()) is None:
+        return None
+    return module.rms_norm(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x [B, H, T, D] float32 (any strides but the innermost), cos/sin [T, D/2] or [B, T, D/2] -> x rotated, as
+    ossgpt.model.rope.apply_rotary (contiguous); None where the caller should take its torch ops."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.stride(-1) != 1 or cos.dim() not in (2, 3):
+        return None
+    if any(t.dtype != torch.float32 for t in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    if cos.dim() == 3 and cos.shape[0] != x.shape[0]:
+        return None
+    if _gradients_wanted(x, cos, sin) or (module := native()) is None:
+        return None
+    return module.rotary(x, cos, sin)
+
+
+def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None):
+    """query_positions [B, T], key_positions [B, S] int64 -> bool [B, 1, T, S], as
+    ossgpt.model.attention.allowed_keys; None where the caller should take its torch ops."""
+    if query_positions.device.type != "cpu" or query_positions.dim() != 2 or key_positions.dim() != 2:
+        return None
+    if query_positions.shape[0] != key_positions.shape[0] or (module := native()) is None:
+        return None
+    if query_positions.dtype != torch.int64 or key_positions.dtype != torch.int64:
+        return None
+    return module.visible_keys(query_positions, key_positions, window)
+
+
+def _gradients_wanted(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _build(name: str):

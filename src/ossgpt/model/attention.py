@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ossgpt.kernels import native
 from ossgpt.kernels.attention import sdpa_attention
 from ossgpt.model.rope import apply_rotary
 
@@ -26,7 +27,11 @@ def allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, win
 
     query_positions [B, T], key_positions [B, S] (-1 = empty or padding) -> bool [B, 1, T, S].
     A key is visible if it is not in the future and, with a window, fewer than `window` positions back.
+    (On the CPU: the same in one native call, ossgpt.kernels.native.visible_keys.)
     """
+    visible = native.visible_keys(query_positions, key_positions, window)
+    if visible is not None:
+        return visible
     q = query_positions[:, None, :, None]
     k = key_positions[:, None, None, :]
     visible = (k <= q) & (k >= 0)

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from ossgpt.kernels import native
+
 
 def yarn_correction_dim(num_rotations: float, dim: int, base: float, original_max_position: int) -> float:
     """The (fractional) channel-pair index whose wavelength fits `num_rotations` turns in the original context."""
@@ -83,7 +85,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos, sin: [T, D/2] or [B, T, D/2] -> x rotated, same shape."""
+    """x: [B, H, T, D]; cos, sin: [T, D/2] or [B, T, D/2] -> x rotated, same shape. (Float32 on the CPU without
+    gradients: the same in one native call, ossgpt.kernels.native.rotary.)"""
+    out = native.rotary(x, cos, sin)
+    if out is not None:
+        return out
     if cos.dim() == 3:  # per-row positions: broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)

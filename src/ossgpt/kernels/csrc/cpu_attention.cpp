@@ -188,7 +188,7 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
 }  // namespace
 
 // q [B, H, T, D], k/v [B, K, S, D] (float32, innermost dimension contiguous; any other strides, e.g. a view of
-// some rows and columns of a cache), sinks [H] float32, visible [B or 1, T, S] bool (contiguous), scale
+// some rows and columns of a cache), sinks [H] float32, visible [B or 1, 1, T, S] bool (contiguous), scale
 // -> out [B, H, T, D] float32.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& sinks, const torch::Tensor& visible, double scale) {
@@ -201,9 +201,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), K = k.size(1), S = k.size(2);
   TORCH_CHECK(sinks.scalar_type() == torch::kFloat32 && sinks.is_contiguous() && sinks.numel() == H,
               "sinks must be a contiguous float32 vector [H]");
-  TORCH_CHECK(visible.scalar_type() == torch::kBool && visible.is_contiguous() && visible.dim() == 3 &&
-                  (visible.size(0) == B || visible.size(0) == 1) && visible.size(1) == T && visible.size(2) == S,
-              "visible must be a contiguous bool tensor [B or 1, T, S]");
+  TORCH_CHECK(visible.scalar_type() == torch::kBool && visible.is_contiguous() && visible.dim() == 4 &&
+                  (visible.size(0) == B || visible.size(0) == 1) && visible.size(1) == 1 && visible.size(2) == T &&
+                  visible.size(3) == S,
+              "visible must be a contiguous bool tensor [B or 1, 1, T, S]");
   auto out = torch::empty({B, H, T, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();

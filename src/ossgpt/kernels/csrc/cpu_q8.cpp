@@ -361,10 +361,13 @@ void q8_matmul(const W& w, const int8_t* q, const float* d, int64_t n, int64_t K
 }
 
 // ---------------------------------------------------------------------------------------- entry points
-void check_activations(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous float32 CPU matrix [n, K]");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+// x: a contiguous float32 matrix [n, K], or with `leading`, any number of leading dimensions [..., K].
+void check_activations(const torch::Tensor& x, int64_t K, bool leading = false) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() &&
+                  (leading ? x.dim() >= 1 : x.dim() == 2),
+              leading ? "x must be a contiguous float32 CPU tensor [..., K]"
+                      : "x must be a contiguous float32 CPU matrix [n, K]");
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns, the weight ", K);
   TORCH_CHECK(K % QK == 0, "K (", K, ") must be a multiple of 32");
 }
 
@@ -375,9 +378,10 @@ const float* bias_pointer(const c10::optional<torch::Tensor>& bias, int64_t O) {
   return bias->data_ptr<float>();
 }
 
+// y [..., O] = x [..., K] times the weights' rows, plus bias [O] (or none).
 template <class W>
 torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::optional<torch::Tensor>& bias) {
-  const int64_t n = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1), n = x.numel() / K;
   auto q = torch::empty({n, K}, x.options().dtype(torch::kInt8));
   auto d = torch::empty({n, K / QK}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -386,12 +390,14 @@ torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::opti
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) quantize_row(xp + t * K, qp + t * K, dp + t * (K / QK), K, w.layout());
   });
-  auto y = torch::empty({n, O}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = O;
+  auto y = torch::empty(shape, x.options());
   q8_matmul(w, qp, dp, n, K, O, bias_pointer(bias, O), y.data_ptr<float>());
   return y;
 }
 
-// x [n, K] float32 times MXFP4 weight rows (blocks [O, K/32, 16], scales [O, K/32], uint8) + bias -> [n, O].
+// x [..., K] float32 times MXFP4 weight rows (blocks [O, K/32, 16], scales [O, K/32], uint8) + bias -> [..., O].
 torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, const torch::Tensor& scales,
                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8 && blocks.dim() == 3 &&
@@ -399,7 +405,7 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
                   blocks.size(1) == scales.size(1) && blocks.is_contiguous() && scales.is_contiguous(),
               "blocks [O, G, 16] and scales [O, G] must be contiguous uint8 tensors");
   const int64_t O = blocks.size(0), G = blocks.size(1);
-  check_activations(x, G * QK);
+  check_activations(x, G * QK, true);
   const MXFP4Weights w(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G);
   return run(w, x, O, bias);
 }
@@ -555,14 +561,14 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& experts,
   return fused_experts(x, experts, mix, gate_up_of, down_of, E, I, gate_up_bias, down_bias, alpha, limit);
 }
 
-// x [n, K] float32 times int8 weight rows [O, K] + bias -> [n, O], with float32 row scales [O] or bfloat16 scales
+// x [..., K] float32 times int8 weight rows [O, K] + bias -> [..., O], with float32 row scales [O] or bfloat16 scales
 // per block of 32 [O, K / 32].
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.is_contiguous(),
               "weight must be a contiguous int8 matrix [O, K]");
   const int64_t O = weight.size(0), K = weight.size(1);
-  check_activations(x, K);
+  check_activations(x, K, true);
   TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
   if (scales.dim() == 2) {
     TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == O && scales.size(1) == K / QK,
@@ -592,15 +598,22 @@ std::string instruction_set() {
 
 }  // namespace
 
-// csrc/cpu_attention.cpp, compiled into the same module.
+// csrc/cpu_attention.cpp and csrc/cpu_elementwise.cpp, compiled into the same module.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& sinks, const torch::Tensor& visible, double scale);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor visible_keys(const torch::Tensor& query_positions, const torch::Tensor& key_positions,
+                           c10::optional<int64_t> window);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mxfp4_linear", &mxfp4_linear, "x [n, K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [n, O] f32");
+  m.def("mxfp4_linear", &mxfp4_linear, "x [..., K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [..., O] f32");
   m.def("mxfp4_experts", &mxfp4_experts, "tokens through their k MXFP4 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_experts", &int8_experts, "tokens through their k int8 experts (gate_up, SwiGLU, down), mixed");
-  m.def("int8_linear", &int8_linear, "x [n, K] f32 @ int8 rows [O, K] (f32 row or bf16 block scales) -> [n, O] f32");
+  m.def("int8_linear", &int8_linear, "x [..., K] f32 @ int8 rows [O, K] (f32 row or bf16 block scales) -> [..., O] f32");
   m.def("decode_attention", &decode_attention, "attention with sinks for a few queries over a KV cache (decoding)");
+  m.def("rms_norm", &rms_norm, "x [..., D] f32, weight [D] -> RMSNorm of x's rows");
+  m.def("rotary", &rotary, "x [B, H, T, D] f32, cos/sin [T or B, T, D/2] -> x's heads rotated, contiguous");
+  m.def("visible_keys", &visible_keys, "positions [B, T], key positions [B, S], window -> bool [B, 1, T, S]");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
 }
