@@ -1,4 +1,4 @@
-"""Parts of a training step (and three of decoding), each against the simpler form it replaced, in one process.
+"""Parts of a training step (and six of decoding), each against the simpler form it replaced, in one process.
 
   swiglu     the clamped SwiGLU's forward and backward on [8192, 1024] (the tiny step's gate/up rows): gate/up
              split by unflatten + unbind (ossgpt) vs by the stride-2 slices [..., ::2], [..., 1::2]
@@ -7,7 +7,14 @@
   muon       Newton-Schulz over the tiny preset's 40 Muon matrices (ossgpt's baddbmm form) vs the same
              iteration written as separate products, scales and sums
   rmsnorm    1,000 RMSNorm calls on one decoded token's [1, 1, 512] (where its per-call cost shows), forward only:
-             torch's fused F.rms_norm on the float32 upcast (ossgpt) vs the formula step by step
+             ossgpt's RMSNorm (without gradients on the CPU: one native call, csrc/cpu_elementwise.cpp) vs the
+             formula step by step
+  rmsnorm-fused  the same calls: ossgpt's RMSNorm vs torch's fused F.rms_norm on the float32 upcast (what it ran
+             before the native call)
+  rotary     1,000 rotary embeddings of one decoded token's queries at the mini preset's heads ([1, 8, 1, 64], the
+             heads of a projection's output): apply_rotary (one native call) vs its torch ops (chunk, products, cat)
+  mask       1,000 visibility masks of one decoded token over 80 cached keys: allowed_keys (one native call) vs its
+             torch ops (comparisons and ands)
   argmax     1,000 greedy picks from one decoded token's logits over the mini preset's 100,352-token vocabulary:
              ossgpt.inference.sampling.greedy (numpy's argmax on the CPU) vs torch.argmax
   decode-attention  1,000 decoding steps' attention (one query per row over a KV cache, with sinks) at the mini
@@ -30,6 +37,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from ossgpt.inference.sampling import greedy
 from ossgpt.kernels.attention import _attention_with_sinks_lse, sdpa_attention
@@ -37,6 +45,7 @@ from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
 from ossgpt.model.attention import allowed_keys
 from ossgpt.model.moe import clamped_swiglu
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
+from ossgpt.model.rope import apply_rotary
 from ossgpt.training.muon import NS_COEFFICIENTS, orthogonalize
 
 ALPHA, LIMIT = 1.702, 7.0
@@ -71,6 +80,21 @@ def flash_with_sinks(q, k, v, sinks, visible, scale):
     """What sdpa_attention ran for a decoding step on the CPU before its native call: the flash path."""
     bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill(~visible, float("-inf"))
     return _attention_with_sinks_lse(q, k, v, sinks, bias, scale)[0]
+
+
+def torch_rotary(x, cos, sin):
+    """The reference: ossgpt.model.rope.apply_rotary's torch ops, what it ran before its native call."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def torch_allowed_keys(query_positions, key_positions, window):
+    """The reference: ossgpt.model.attention.allowed_keys's torch ops."""
+    q, k = query_positions[:, None, :, None], key_positions[:, None, None, :]
+    visible = (k <= q) & (k >= 0)
+    if window is not None:
+        visible &= k > q - window
+    return visible
 
 
 def timed_ms(fn) -> float:
@@ -129,6 +153,19 @@ def workloads(quick: bool) -> dict:
 
         return run
 
+    def per_token(fn, *args):  # 1,000 calls (100 quick) on one decoded token's tensors, without gradients
+        def run():
+            with torch.no_grad():
+                for _ in range(100 if quick else 1000):
+                    fn(*args)
+
+        return run
+
+    query = torch.randn(1, 1, 8, 64).transpose(1, 2)  # [B, H, T, D], as the attention hands it over
+    angles = torch.rand(1, 32) * 80
+    cos, sin = angles.cos(), angles.sin()
+    step, cached = torch.tensor([[79]]), torch.arange(80)[None]
+
     logits = torch.randn(1, 512 if quick else 100_352)
 
     def picks(fn):
@@ -161,6 +198,9 @@ def workloads(quick: bool) -> dict:
         "argmax": (picks(greedy), picks(lambda t: t.argmax(dim=-1))),
         "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
         "rmsnorm": (rmsnorm(norm), rmsnorm(lambda t: rms_norm_reference(t, norm.weight, norm.eps))),
+        "rmsnorm-fused": (rmsnorm(norm), rmsnorm(lambda t: F.rms_norm(t.float(), (512,), norm.weight.float(), 1e-5))),
+        "rotary": (per_token(apply_rotary, query, cos, sin), per_token(torch_rotary, query, cos, sin)),
+        "mask": (per_token(allowed_keys, step, cached, 128), per_token(torch_allowed_keys, step, cached, 128)),
         "muon": (muon(orthogonalize), muon(unfused_orthogonalize)),
         "expert-loop": (expert_loop(lambda *a: grouped_linear(*a, use_grouped_mm=False)), expert_loop(autograd_loop)),
     }

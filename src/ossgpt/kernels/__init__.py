@@ -14,7 +14,10 @@ against the plain version (tests/test_fast_paths.py, tests/test_mxfp4.py).
                                                           picked at run time): cpu_q8.cpp, MXFP4 or int8 weights
                                                           times activations rounded to int8 per block of 32;
                                                           cpu_attention.cpp, a decoding step's attention (the
-                                                          twin of model.attention.eager_attention)
+                                                          twin of model.attention.eager_attention);
+                                                          cpu_elementwise.cpp, RMSNorm, the rotary embedding and
+                                                          the visibility mask without gradients (twins of
+                                                          model.norms, model.rope, model.attention.allowed_keys)
 
 Kernels are functions of tensors: they import nothing from the rest of ossgpt, and the model imports them.
 """
