@@ -355,8 +355,9 @@ template <class W>
 void q8_matmul(const W& w, const int8_t* q, const float* d, int64_t n, int64_t K, int64_t O, const float* bias,
                float* y) {
   const int64_t G = K / QK;
-  // Enough rows per task that thread start-up is paid back (a row costs ~G * n block products).
-  const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, G * n));
+  // Enough rows per task that thread start-up is paid back (a row costs ~G * n block products): a decoded token's
+  // 512 x 512 product already gains from a second thread (`python bench/int8_rows.py --vocab 512 --hidden 512`).
+  const int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(1, G * n));
   at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) { row_range(w, q, d, n, G, O, bias, y, begin, end); });
 }
 
