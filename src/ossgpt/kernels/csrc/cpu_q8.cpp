@@ -43,6 +43,8 @@ constexpr int64_t QK = 32;  // values per block
 
 // FP4 E2M1 code -> 2 * value (bit 3 is the sign).
 constexpr int8_t kFP4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// The same plus 12, as unsigned bytes (0 .. 24): the 512-bit path's weight codes (see tile2).
+constexpr uint8_t kFP4DoubledPlus12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 float half_power_of_two(uint8_t exponent) { return std::ldexp(0.5f, int(exponent) - 127); }
 
@@ -96,6 +98,8 @@ struct MXFP4Weights {
   const uint8_t* blocks;  // [O, G, 16]
   const uint8_t* scales;  // [O, G]
   int64_t G;
+  // The vector paths' codes are the values plus kOffset (kOffset2 for block2), unsigned: see `tile`.
+  static constexpr uint8_t kOffset = 12, kOffset2 = 12;
   const float* scale_of = scale_table();  // exponent byte -> 2^(e - 127) / 2
 
   MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {}
@@ -118,8 +122,9 @@ struct MXFP4Weights {
     }
   }
 #if defined(__AVX2__)
+  // Block b of row o as 32 values plus kOffset, unsigned bytes: the low nibbles' values, then the high ones'.
   __m256i block(int64_t o, int64_t b) const {
-    const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4Doubled));
+    const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4DoubledPlus12));
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (o * G + b) * (QK / 2)));
     const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
@@ -131,11 +136,12 @@ struct MXFP4Weights {
   }
 #endif
 #if defined(OSSGPT_AVX512)
-  // Blocks b and b + 1 as 64 int8 values in the kPair layout: the 32 bytes in both halves of the register,
-  // the upper half shifted to its high nibbles, then one table lookup.
+  // Blocks b and b + 1 as 64 values plus kOffset, unsigned bytes, in the kPair layout: the 32 bytes in both halves
+  // of the register, the upper half shifted to its high nibbles, then one table lookup.
   static constexpr __mmask16 kSecondBlock = 0xF0F0;  // int32 sums of block b+1's values (kPair layout)
   __m512i block2(int64_t o, int64_t b) const {
-    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4Doubled)));
+    const __m512i table =
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4DoubledPlus12)));
     const __m512i bytes = _mm512_broadcast_i64x4(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + (o * G + b) * (QK / 2))));
     const __m512i codes = _mm512_and_si512(_mm512_mask_srli_epi16(bytes, 0xFFFF0000, bytes, 4), _mm512_set1_epi8(0x0F));
@@ -152,6 +158,8 @@ struct Int8Weights {
   const int8_t* weight;  // [O, K]
   const float* scales;   // [O]
   int64_t K;
+  // block: the signed values (kOffset 0: vpmaddubsw could saturate on w + 128); block2: w + 128 (see `tile2`).
+  static constexpr uint8_t kOffset = 0, kOffset2 = 128;
   Layout layout() const { return kNatural; }
 
   float block_scale(int64_t, int64_t) const { return 1.f; }
@@ -167,7 +175,10 @@ struct Int8Weights {
 #endif
 #if defined(OSSGPT_AVX512)
   static constexpr __mmask16 kSecondBlock = 0xFF00;
-  __m512i block2(int64_t o, int64_t b) const { return _mm512_loadu_si512(weight + o * K + b * QK); }
+  // Blocks b and b + 1 plus kOffset2, as unsigned bytes: w + 128 is w with its sign bit flipped.
+  __m512i block2(int64_t o, int64_t b) const {
+    return _mm512_xor_si512(_mm512_loadu_si512(weight + o * K + b * QK), _mm512_set1_epi8(char(0x80)));
+  }
   __m512 block_scales2(int64_t, int64_t) const { return _mm512_set1_ps(1.f); }
 #endif
 };
@@ -212,6 +223,18 @@ inline __m256i dot_block(__m256i w_abs, __m256i w, __m256i q) {
 #endif
 }
 
+// acc plus the sums of 32 products of unsigned bytes u and signed bytes q, as 8 int32 partial sums. (Without VNNI,
+// vpmaddubsw's pairwise int16 sums saturate beyond 32,767: u must stay below 129, as the MXFP4 codes plus 12 do.)
+inline __m256i dot_unsigned(__m256i acc, __m256i u, __m256i q) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, q);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, q);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1)));
+#endif
+}
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -222,28 +245,35 @@ inline float horizontal_sum(__m256 v) {
 // One tile of the output: weight rows o .. o + R - 1 times activation rows t0 .. t0 + T - 1, into sums[r * T + i].
 // Each weight block is decoded once for the T activation rows, each activation block loaded once for the R weight
 // rows, and the R * T accumulators are independent chains (one chain would wait on each multiply-add's latency).
+// Weights whose codes come unsigned (W::kOffset > 0, u = w + kOffset) need no sign fix per weight row:
+//     sum u q = sum w q + kOffset sum q,
+// so each activation block's lanes start from -kOffset * (their sum of q), once per activation row for the R weight
+// rows. Either way the integer sums are the signed ones exactly.
 template <int R, int T, class W>
 inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < T; ++i) acc[r][i] = _mm256_setzero_ps();
   const int64_t K = G * QK;
+  const __m256i offset = _mm256_set1_epi8(char(W::kOffset));
   for (int64_t b = 0; b < G; ++b) {
     __m256i wb[R], w_abs[R];
     float s[R];
     for (int r = 0; r < R; ++r) {
       w.prefetch(o + r, b);
       wb[r] = w.block(o + r, b);
-      w_abs[r] = _mm256_sign_epi8(wb[r], wb[r]);
+      if constexpr (W::kOffset == 0) w_abs[r] = _mm256_sign_epi8(wb[r], wb[r]);
       s[r] = w.block_scale(o + r, b);
     }
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
       const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * K + b * QK));
       const float dt = d[t * G + b];
+      __m256i start = _mm256_setzero_si256();
+      if constexpr (W::kOffset > 0) start = _mm256_sub_epi32(start, dot_unsigned(start, offset, qb));
       for (int r = 0; r < R; ++r) {
-        const __m256 products = _mm256_cvtepi32_ps(dot_block(w_abs[r], wb[r], qb));
-        acc[r][i] = _mm256_fmadd_ps(products, _mm256_set1_ps(s[r] * dt), acc[r][i]);
+        const __m256i dot = W::kOffset > 0 ? dot_unsigned(start, wb[r], qb) : dot_block(w_abs[r], wb[r], qb);
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s[r] * dt), acc[r][i]);
       }
     }
   }
@@ -251,25 +281,26 @@ inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
     for (int i = 0; i < T; ++i) sums[r * T + i] = horizontal_sum(acc[r][i]);
 }
 #if defined(OSSGPT_AVX512)
-// The same tile, two blocks at a time in 512-bit registers (G must be even). AVX-512 has no byte sign
-// instruction: q is negated under the mask of w's sign bits instead.
+// The same tile, two blocks at a time in 512-bit registers (G must be even). The weights come as unsigned bytes
+// u = w + W::kOffset2 (block2), which vpdpbusd multiplies by the signed activations as they are:
+//     sum u q = sum w q + kOffset2 sum q,
+// so each activation pair's lanes start from -kOffset2 * (their sum of q), once per activation row for the tile's R
+// weight rows. The integer sums are the signed ones exactly; no sign fix per weight row.
 template <int R, int T, class W>
 inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < T; ++i) acc[r][i] = _mm512_setzero_ps();
   const int64_t K = G * QK;
+  const __m512i offset = _mm512_set1_epi8(char(W::kOffset2));
   for (int64_t b = 0; b < G; b += 2) {
     // Scales as a vector holding each lane's block's scale (W::kSecondBlock: the int32 lanes of block b + 1): one
     // per weight row and one per activation row, then their product.
-    __m512i w_abs[R];
-    __mmask64 negative[R];
+    __m512i wu[R];
     __m512 w_scale[R];
     for (int r = 0; r < R; ++r) {
       w.prefetch(o + r, b);
-      const __m512i wb = w.block2(o + r, b);
-      w_abs[r] = _mm512_abs_epi8(wb);
-      negative[r] = _mm512_movepi8_mask(wb);
+      wu[r] = w.block2(o + r, b);
       w_scale[r] = w.block_scales2(o + r, b);
     }
     for (int i = 0; i < T; ++i) {
@@ -277,9 +308,10 @@ inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_
       const __m512i qb = _mm512_loadu_si512(q + t * K + b * QK);
       const __m512 x_scale =
           _mm512_mask_blend_ps(W::kSecondBlock, _mm512_set1_ps(d[t * G + b]), _mm512_set1_ps(d[t * G + b + 1]));
+      const __m512i start =
+          _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, qb));
       for (int r = 0; r < R; ++r) {
-        const __m512i q_signed = _mm512_mask_sub_epi8(qb, negative[r], _mm512_setzero_si512(), qb);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs[r], q_signed);
+        const __m512i dot = _mm512_dpbusd_epi32(start, wu[r], qb);
         acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale[r], x_scale), acc[r][i]);
       }
     }
