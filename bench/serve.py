@@ -50,6 +50,7 @@ import httpx
 import torch
 
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
+from ossgpt.errors import UserError
 from ossgpt.inference.engine import Engine, Request
 from ossgpt.inference.generate import generate_batch
 from ossgpt.inference.loading import load_model_and_tokenizer
@@ -296,7 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     args.requests = args.requests or (1 if args.quick else 2)
     args.max_tokens = args.max_tokens or (8 if args.quick else 64)
     shapes = (args.shapes or ("tiny" if args.quick else "mini,tiny")).split(",")
-    results = {shape: measure_shape(shape, args.rounds, args.requests, args.max_tokens) for shape in shapes}
+    try:
+        results = {shape: measure_shape(shape, args.rounds, args.requests, args.max_tokens) for shape in shapes}
+    except UserError as error:  # e.g. a tokenizer that cannot load offline: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print_table(results, args)
     if args.json:
         settings = {k: getattr(args, k) for k in ("rounds", "requests", "max_tokens", "threads")}

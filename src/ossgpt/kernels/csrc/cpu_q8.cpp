@@ -17,7 +17,9 @@
 //
 // Instruction sets are picked when ossgpt.kernels.native compiles this file for the machine it runs on:
 // AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
-// (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads.
+// (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads. The byte
+// instructions multiply unsigned bytes by signed ones: the weights come as unsigned codes w + c where they can
+// (`tile`, `tile2`), and the activations' sums times c are taken off once per block.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -43,7 +45,7 @@ constexpr int64_t QK = 32;  // values per block
 
 // FP4 E2M1 code -> 2 * value (bit 3 is the sign).
 constexpr int8_t kFP4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-// The same plus 12, as unsigned bytes (0 .. 24): the 512-bit path's weight codes (see tile2).
+// The same plus 12, as unsigned bytes (0 .. 24): the vector paths' weight codes (see tile).
 constexpr uint8_t kFP4DoubledPlus12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 float half_power_of_two(uint8_t exponent) { return std::ldexp(0.5f, int(exponent) - 127); }
@@ -122,21 +124,22 @@ struct MXFP4Weights {
     }
   }
 #if defined(__AVX2__)
-  // Block b of row o as 32 values plus kOffset, unsigned bytes: the low nibbles' values, then the high ones'.
+  // Block b of row o as 32 values plus kOffset, unsigned bytes: the low nibbles' values, then the high ones'. The 16
+  // bytes go into both halves of the register, the upper half shifted to its high nibbles, then one table lookup.
   __m256i block(int64_t o, int64_t b) const {
-    const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4DoubledPlus12));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (o * G + b) * (QK / 2)));
-    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
-    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
-    return _mm256_set_m128i(hi, lo);
+    const __m256i table =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kFP4DoubledPlus12)));
+    const __m256i bytes = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (o * G + b) * (QK / 2))));
+    const __m256i nibbles = _mm256_blend_epi32(bytes, _mm256_srli_epi16(bytes, 4), 0xF0);
+    return _mm256_shuffle_epi8(table, _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F)));
   }
   void prefetch(int64_t o, int64_t b) const {
     _mm_prefetch(reinterpret_cast<const char*>(blocks + (o * G + b) * (QK / 2)) + 8192, _MM_HINT_T0);
   }
 #endif
 #if defined(OSSGPT_AVX512)
-  // Blocks b and b + 1 as 64 values plus kOffset, unsigned bytes, in the kPair layout: the 32 bytes in both halves
+  // Blocks b and b + 1 as 64 values plus kOffset2, unsigned bytes, in the kPair layout: the 32 bytes in both halves
   // of the register, the upper half shifted to its high nibbles, then one table lookup.
   static constexpr __mmask16 kSecondBlock = 0xF0F0;  // int32 sums of block b+1's values (kPair layout)
   __m512i block2(int64_t o, int64_t b) const {
