@@ -7,8 +7,12 @@ pass. Every option gives the same outputs up to float rounding (tests/test_fast_
 against the plain one in ossgpt.model), so options are never saved with a checkpoint, and a run may resume or a
 checkpoint load with other options.
 
-    model = GPTOSS(config, RuntimeOptions(attention="eager"))   # the plain reference everywhere
+    model = GPTOSS(config, RuntimeOptions(attention="eager", experts="loop", loss_chunk_size=0))  # plain references
     model.options = RuntimeOptions(gradient_checkpointing=True)  # change them on a built model
+
+The native CPU kernels (ossgpt.kernels.native: RMSNorm, rotary and masks without gradients, the packed products;
+with "sdpa", a decoding step's attention) are taken wherever they apply; `OSSGPT_NATIVE=0` turns them off, leaving
+torch's ops alone.
 
 The dtype of the weights is not an option here: it belongs to the tensors (`from_pretrained(dtype=...)`,
 `model.to(dtype)`), and training's compute dtype to its autocast (`ossgpt train --dtype`).
