@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from ossgpt.inference.sampling import greedy
 from ossgpt.kernels.attention import _attention_with_sinks_lse, sdpa_attention
 from ossgpt.kernels.experts import grouped_linear, grouped_mm_available
-from ossgpt.model.attention import allowed_keys
+from ossgpt.model.attention import allowed_keys, allowed_keys_reference
 from ossgpt.model.moe import clamped_swiglu
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
-from ossgpt.model.rope import apply_rotary
+from ossgpt.model.rope import apply_rotary, rotary_reference
 from ossgpt.training.muon import NS_COEFFICIENTS, orthogonalize
 
 ALPHA, LIMIT = 1.702, 7.0
@@ -80,21 +80,6 @@ def flash_with_sinks(q, k, v, sinks, visible, scale):
     """What sdpa_attention ran for a decoding step on the CPU before its native call: the flash path."""
     bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill(~visible, float("-inf"))
     return _attention_with_sinks_lse(q, k, v, sinks, bias, scale)[0]
-
-
-def torch_rotary(x, cos, sin):
-    """The reference: ossgpt.model.rope.apply_rotary's torch ops, what it ran before its native call."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def torch_allowed_keys(query_positions, key_positions, window):
-    """The reference: ossgpt.model.attention.allowed_keys's torch ops."""
-    q, k = query_positions[:, None, :, None], key_positions[:, None, None, :]
-    visible = (k <= q) & (k >= 0)
-    if window is not None:
-        visible &= k > q - window
-    return visible
 
 
 def timed_ms(fn) -> float:
@@ -199,8 +184,8 @@ def workloads(quick: bool) -> dict:
         "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
         "rmsnorm": (rmsnorm(norm), rmsnorm(lambda t: rms_norm_reference(t, norm.weight, norm.eps))),
         "rmsnorm-fused": (rmsnorm(norm), rmsnorm(lambda t: F.rms_norm(t.float(), (512,), norm.weight.float(), 1e-5))),
-        "rotary": (per_token(apply_rotary, query, cos, sin), per_token(torch_rotary, query, cos, sin)),
-        "mask": (per_token(allowed_keys, step, cached, 128), per_token(torch_allowed_keys, step, cached, 128)),
+        "rotary": (per_token(apply_rotary, query, cos, sin), per_token(rotary_reference, query, cos, sin)),
+        "mask": (per_token(allowed_keys, step, cached, 128), per_token(allowed_keys_reference, step, cached, 128)),
         "muon": (muon(orthogonalize), muon(unfused_orthogonalize)),
         "expert-loop": (expert_loop(lambda *a: grouped_linear(*a, use_grouped_mm=False)), expert_loop(autograd_loop)),
     }

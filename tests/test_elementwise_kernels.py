@@ -17,9 +17,9 @@ import torch
 
 from ossgpt.kernels import native as native_module
 from ossgpt.kernels.native import INSTRUCTION_SETS, cpu_flags, native, rms_norm, rotary, visible_keys
-from ossgpt.model.attention import allowed_keys
+from ossgpt.model.attention import allowed_keys, allowed_keys_reference
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
-from ossgpt.model.rope import apply_rotary
+from ossgpt.model.rope import apply_rotary, rotary_reference
 
 needs_native = pytest.mark.skipif(native() is None, reason="the native CPU kernels could not be built here")
 U = 2.0**-24
@@ -44,16 +44,6 @@ def rotary_exact_and_bound(x, cos, sin):
     exact = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     magnitude = torch.cat(((x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()), dim=-1)
     return exact, (2 * U + U * U) * magnitude
-
-
-def plain_allowed_keys(query_positions, key_positions, window):
-    """ossgpt.model.attention.allowed_keys's torch ops (the native call turned off)."""
-    q = query_positions[:, None, :, None]
-    k = key_positions[:, None, None, :]
-    visible = (k <= q) & (k >= 0)
-    if window is not None:
-        visible &= k > q - window
-    return visible
 
 
 @needs_native
@@ -111,7 +101,7 @@ def test_rotary_within_the_bound(B, H, T, D, per_row):
     cos, sin = angles.cos(), angles.sin()
     with torch.no_grad():
         out = rotary(x, cos, sin)
-        plain = apply_rotary(x.contiguous().requires_grad_(), cos, sin).detach()  # gradients wanted: the torch ops
+        plain = rotary_reference(x, cos, sin)  # the torch ops
     exact, bound = rotary_exact_and_bound(x, cos, sin)
     assert out.shape == (B, H, T, D) and out.is_contiguous()
     assert ((out.double() - exact).abs() <= bound).all()
@@ -143,7 +133,7 @@ def test_visible_keys_equal_the_torch_ops(window):
     for query, keys in ((arange, arange), (padded, padded), (step, cache[:, :8]), (step, cache)):
         got = visible_keys(query, keys, window)
         assert got.shape == (3, 1, query.shape[1], keys.shape[1])
-        assert torch.equal(got, plain_allowed_keys(query, keys, window))
+        assert torch.equal(got, allowed_keys_reference(query, keys, window))
         assert torch.equal(allowed_keys(query, keys, window), got)
 
 
@@ -170,7 +160,7 @@ def test_lesser_instruction_sets_within_the_bounds(isa, monkeypatch):
         exact, bound = rotary_exact_and_bound(x, angles.cos(), angles.sin())
         assert ((out.double() - exact).abs() <= bound).all()
         positions = torch.tensor([[-1, 0, 1, 2, 3]])
-        assert torch.equal(visible_keys(positions, positions, 2), plain_allowed_keys(positions, positions, 2))
+        assert torch.equal(visible_keys(positions, positions, 2), allowed_keys_reference(positions, positions, 2))
     finally:
         native_module.native.cache_clear()
 
@@ -189,6 +179,6 @@ def test_without_the_native_kernels_the_torch_ops(monkeypatch):
         with torch.no_grad():
             exact, bound = rotary_exact_and_bound(x, cos, sin)
             assert ((apply_rotary(x, cos, sin).double() - exact).abs() <= bound).all()
-            assert torch.equal(allowed_keys(positions, positions, 2), plain_allowed_keys(positions, positions, 2))
+            assert torch.equal(allowed_keys(positions, positions, 2), allowed_keys_reference(positions, positions, 2))
     finally:
         native_module.native.cache_clear()

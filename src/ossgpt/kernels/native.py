@@ -163,9 +163,9 @@ def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, win
     ossgpt.model.attention.allowed_keys; None where the caller should take its torch ops."""
     if query_positions.device.type != "cpu" or query_positions.dim() != 2 or key_positions.dim() != 2:
         return None
-    if query_positions.shape[0] != key_positions.shape[0] or (module := native()) is None:
-        return None
     if query_positions.dtype != torch.int64 or key_positions.dtype != torch.int64:
+        return None
+    if query_positions.shape[0] != key_positions.shape[0] or (module := native()) is None:
         return None
     return module.visible_keys(query_positions, key_positions, window)
 

@@ -27,11 +27,14 @@ def allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, win
 
     query_positions [B, T], key_positions [B, S] (-1 = empty or padding) -> bool [B, 1, T, S].
     A key is visible if it is not in the future and, with a window, fewer than `window` positions back.
-    (On the CPU: the same in one native call, ossgpt.kernels.native.visible_keys.)
+    On the CPU one native call computes it (ossgpt.kernels.native.visible_keys); elsewhere `allowed_keys_reference`.
     """
     visible = native.visible_keys(query_positions, key_positions, window)
-    if visible is not None:
-        return visible
+    return visible if visible is not None else allowed_keys_reference(query_positions, key_positions, window)
+
+
+def allowed_keys_reference(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None):
+    """`allowed_keys` written out in torch ops (the native call's reference)."""
     q = query_positions[:, None, :, None]
     k = key_positions[:, None, None, :]
     visible = (k <= q) & (k >= 0)

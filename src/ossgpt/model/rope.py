@@ -85,11 +85,14 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos, sin: [T, D/2] or [B, T, D/2] -> x rotated, same shape. (Float32 on the CPU without
-    gradients: the same in one native call, ossgpt.kernels.native.rotary.)"""
+    """x: [B, H, T, D]; cos, sin: [T, D/2] or [B, T, D/2] -> x rotated, same shape. Float32 on the CPU without
+    gradients: one native call (ossgpt.kernels.native.rotary); otherwise `rotary_reference`."""
     out = native.rotary(x, cos, sin)
-    if out is not None:
-        return out
+    return out if out is not None else rotary_reference(x, cos, sin)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` written out in torch ops (the native call's reference; what autograd differentiates)."""
     if cos.dim() == 3:  # per-row positions: broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
