@@ -115,6 +115,32 @@ def test_mxfp4_linear_extreme_scales_and_zero_blocks():
 
 
 @needs_native
+def test_int8_row_scales_are_read_as_bfloat16_or_float32():
+    """quantize_int8's bfloat16 row scales go into the kernels as they are stored (no conversion per call): the same
+    outputs, bit for bit, as their float32 values (the conversion is exact), in the linear and the fused experts;
+    another dtype or count is a one-line error."""
+    g = torch.Generator().manual_seed(5)
+    q, s = quantize_int8(torch.randn(45, 320, generator=g))
+    assert s.dtype == torch.bfloat16
+    for n in (1, 5, 8):
+        x = torch.randn(n, 320, generator=g)
+        assert torch.equal(kernels.int8_linear(x, q, s, None), kernels.int8_linear(x, q, s.float(), None))
+    experts, _ = random_experts("int8", 64, 96, seed=5)
+    x, indices, mix = torch.randn(6, 64, generator=g), torch.randint(0, 5, (6, 2)), torch.rand(6, 2, generator=g)
+    weights = [experts.gate_up_qweight, experts.gate_up_scales, experts.gate_up_proj_bias, experts.down_qweight,
+               experts.down_scales, experts.down_proj_bias]  # fmt: skip
+    as_float = [w.float() if w.dtype == torch.bfloat16 else w for w in weights]
+    assert experts.gate_up_scales.dtype == torch.bfloat16
+    args = (experts.alpha, experts.limit)
+    assert torch.equal(kernels.int8_experts(x, indices, mix, *weights, *args),
+                       kernels.int8_experts(x, indices, mix, *as_float, *args))  # fmt: skip
+    with pytest.raises(RuntimeError, match="row scales .O. must be contiguous float32 or bfloat16, 45 values"):
+        kernels.int8_linear(x[:, :1].expand(-1, 320).contiguous(), q, s.half(), None)
+    with pytest.raises(RuntimeError, match="45 values"):
+        kernels.int8_linear(x[:, :1].expand(-1, 320).contiguous(), q, s[:44], None)
+
+
+@needs_native
 def test_mxfp4_linear_no_rows_and_bad_shapes():
     blocks, scales = random_mxfp4(8, 64, torch.Generator().manual_seed(0))
     assert mxfp4_linear(torch.empty(0, 64), blocks, scales).shape == (0, 8)

@@ -12,6 +12,7 @@ dequantized weight.
                                               int32, then scaled: on CPU by the native kernel (x per block of
                                               32 values, ossgpt.kernels.native; row or block scales), else
                                               `torch._int_mm` (x per row; row scales)
+    native_scales(scales)                     scales as the native kernels read them (bfloat16 or float32, as stored)
 
 Each torch kernel is probed once on a tiny product with a known answer before it is trusted (their support and
 their correctness vary with the torch version, the device and the shapes); without it, the same products run
@@ -96,14 +97,19 @@ def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     they are dequantized for an ordinary product."""
     module = native() if x.device.type == "cpu" and x.shape[-1] % 32 == 0 else None
     if module is not None:  # (x's leading dimensions go through the kernel as they are: no views to pay for)
-        row_or_block = scales if scales.dim() == 2 else scales.float()
         bias = None if bias is None else bias.float().contiguous()
-        return module.int8_linear(x.float().contiguous(), weight, row_or_block, bias).to(x.dtype)
+        return module.int8_linear(x.float().contiguous(), weight, native_scales(scales), bias).to(x.dtype)
     if scales.dim() == 2:
         return F.linear(x, dequantize_int8(weight, scales).to(x.dtype), bias)
     flat = x.reshape(-1, x.shape[-1])
     out = _int8_dynamic_rows(flat, weight, scales).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
+
+
+def native_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Scales as the native kernels take them: bfloat16 (quantize_int8's dtype) or float32 as they are, read in
+    place (no conversion per call); any other dtype converted to float32."""
+    return scales if scales.dtype in (torch.bfloat16, torch.float32) else scales.float()
 
 
 def block_scales_available(device: torch.device, in_features: int) -> bool:

@@ -40,6 +40,7 @@ from ossgpt.kernels.int8 import (
     dequantize_int8,
     int8_dynamic_linear,
     int8_linear,
+    native_scales,
     quantize_int8,
 )
 from ossgpt.kernels.native import fused_experts
@@ -102,8 +103,8 @@ class Int8Experts(Experts):
         (W8A8) products, a few tokens (decoding) in one fused native call where there is one (`fused_experts`)."""
         if self.product is int8_dynamic_linear:
             fused = fused_experts("int8_experts", x, indices, weights,
-                                  (self.gate_up_qweight, self.gate_up_scales.float(), self.gate_up_proj_bias),
-                                  (self.down_qweight, self.down_scales.float(), self.down_proj_bias),
+                                  (self.gate_up_qweight, native_scales(self.gate_up_scales), self.gate_up_proj_bias),
+                                  (self.down_qweight, native_scales(self.down_scales), self.down_proj_bias),
                                   self.alpha, self.limit)  # fmt: skip
             if fused is not None:
                 return fused

@@ -50,6 +50,13 @@ constexpr uint8_t kFP4DoubledPlus12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 1
 
 float half_power_of_two(uint8_t exponent) { return std::ldexp(0.5f, int(exponent) - 127); }
 
+float bfloat16_to_float(uint16_t bits) {  // a bfloat16 is a float32's high half
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
 // ------------------------------------------------------------------------------ activations -> q8 blocks
 // The order each block's 32 codes are stored in, to match the order the weights' values come out in:
 //   kNatural:  as in x (int8 weights)
@@ -102,6 +109,7 @@ struct MXFP4Weights {
   int64_t G;
   // The vector paths' codes are the values plus kOffset (kOffset2 for block2), unsigned: see `tile`.
   static constexpr uint8_t kOffset = 12, kOffset2 = 12;
+  static constexpr bool kWideTilesOfFour = false;  // see row_range
   const float* scale_of = scale_table();  // exponent byte -> 2^(e - 127) / 2
 
   MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {}
@@ -157,12 +165,32 @@ struct MXFP4Weights {
 #endif
 };
 
+// One float per weight row, stored as float32 or as bfloat16 (quantize_int8's dtype, read as it is: no conversion
+// per call).
+struct RowScales {
+  const float* float32 = nullptr;
+  const uint16_t* bfloat16 = nullptr;
+  float operator[](int64_t o) const { return float32 ? float32[o] : bfloat16_to_float(bfloat16[o]); }
+  RowScales from(int64_t first) const {  // rows first, first + 1, ...
+    return {float32 ? float32 + first : nullptr, bfloat16 ? bfloat16 + first : nullptr};
+  }
+};
+
+RowScales row_scales(const torch::Tensor& scales, int64_t count, const char* what) {
+  TORCH_CHECK((scales.scalar_type() == torch::kFloat32 || scales.scalar_type() == torch::kBFloat16) &&
+                  scales.is_contiguous() && scales.numel() == count,
+              what, " must be contiguous float32 or bfloat16, ", count, " values");
+  if (scales.scalar_type() == torch::kFloat32) return {scales.data_ptr<float>(), nullptr};
+  return {nullptr, reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>())};
+}
+
 struct Int8Weights {
   const int8_t* weight;  // [O, K]
-  const float* scales;   // [O]
+  RowScales scales;      // [O]
   int64_t K;
   // block: the signed values (kOffset 0: vpmaddubsw could saturate on w + 128); block2: w + 128 (see `tile2`).
   static constexpr uint8_t kOffset = 0, kOffset2 = 128;
+  static constexpr bool kWideTilesOfFour = true;  // see row_range
   Layout layout() const { return kNatural; }
 
   float block_scale(int64_t, int64_t) const { return 1.f; }
@@ -190,12 +218,7 @@ struct Int8Weights {
 // its own step, ~1.8x finer than one step per row for Gaussian rows, for 2 bytes more per 32.
 struct Int8BlockWeights : Int8Weights {
   const uint16_t* block_scales;  // [O, K / 32], bfloat16 bits
-  float block_scale(int64_t o, int64_t b) const {
-    const uint32_t bits = uint32_t(block_scales[o * (K / QK) + b]) << 16;  // bfloat16 -> float32: the high half
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return scale;
-  }
+  float block_scale(int64_t o, int64_t b) const { return bfloat16_to_float(block_scales[o * (K / QK) + b]); }
   float row_scale(int64_t) const { return 1.f; }
 #if defined(OSSGPT_AVX512)
   // Blocks b and b + 1's scales in one 4-byte load, both bfloat16s in every int32 lane: b's is the low half (shifted
@@ -372,16 +395,19 @@ inline void rows(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
   }
 }
 
-// Output columns begin .. end - 1 of y [n, O] (one thread's share).
+// Output columns begin .. end - 1 of y [n, O] (one thread's share), 4 or 2 weight rows per tile. Four where a tile's
+// accumulators leave room: decoding (one to three activation rows: 4 accumulators, more independent chains), or
+// int8 weights on the 512-bit path (4 x 4 of AVX-512's 32 registers: each activation block is loaded once for 4
+// weight rows). Else two: 2 x 4 accumulators fit AVX2's 16 registers, and MXFP4's 512-bit unpacking needs
+// registers of its own.
 template <class W>
 void row_range(const W& w, const int8_t* q, const float* d, int64_t n, int64_t G, int64_t O, const float* bias,
                float* y, int64_t begin, int64_t end) {
-  constexpr int R = 2;  // weight rows per tile (R * 4 accumulators fit AVX2's 16 vector registers)
   int64_t o = begin;
-  if (n < 4) {  // decoding: 4 weight rows at a time for more independent chains
+  if (n < 4 || (wide(G) && W::kWideTilesOfFour)) {
     for (; o + 4 <= end; o += 4) rows<4>(w, o, q, d, n, G, O, bias, y);
   }
-  for (; o + R <= end; o += R) rows<R>(w, o, q, d, n, G, O, bias, y);
+  for (; o + 2 <= end; o += 2) rows<2>(w, o, q, d, n, G, O, bias, y);
   for (; o < end; ++o) rows<1>(w, o, q, d, n, G, O, bias, y);
 }
 
@@ -573,8 +599,8 @@ torch::Tensor mxfp4_experts(const torch::Tensor& x, const torch::Tensor& experts
   return fused_experts(x, experts, mix, gate_up, down, E, I, gate_up_bias, down_bias, alpha, limit);
 }
 
-// int8 experts: gate_up [E, 2I, H] and down [E, H, I] int8 with float32 row scales [E, 2I] and [E, H]; see
-// fused_experts.
+// int8 experts: gate_up [E, 2I, H] and down [E, H, I] int8 with row scales [E, 2I] and [E, H] (float32 or bfloat16);
+// see fused_experts.
 torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& experts, const torch::Tensor& mix,
                            const torch::Tensor& gate_up, const torch::Tensor& gate_up_scales,
                            const torch::Tensor& gate_up_bias, const torch::Tensor& down,
@@ -585,20 +611,17 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& experts,
               "int8 experts must be contiguous int8 [E, 2I, H] and [E, H, I]");
   const int64_t E = gate_up.size(0), H = gate_up.size(2), I = down.size(2);
   TORCH_CHECK(gate_up.size(1) == 2 * I && down.size(0) == E && down.size(1) == H, "expert shapes do not match");
-  TORCH_CHECK(gate_up_scales.scalar_type() == torch::kFloat32 && down_scales.scalar_type() == torch::kFloat32 &&
-                  gate_up_scales.is_contiguous() && down_scales.is_contiguous() &&
-                  gate_up_scales.numel() == E * 2 * I && down_scales.numel() == E * H,
-              "int8 experts' scales must be contiguous float32 [E, 2I] and [E, H]");
+  const RowScales gs = row_scales(gate_up_scales, E * 2 * I, "gate_up's scales [E, 2I]");
+  const RowScales ds = row_scales(down_scales, E * H, "down's scales [E, H]");
   check_activations(x, H);
   const int8_t *gw = gate_up.data_ptr<int8_t>(), *dw = down.data_ptr<int8_t>();
-  const float *gs = gate_up_scales.data_ptr<float>(), *dsc = down_scales.data_ptr<float>();
-  auto gate_up_of = [=](int64_t e) { return Int8Weights{gw + e * 2 * I * H, gs + e * 2 * I, H}; };
-  auto down_of = [=](int64_t e) { return Int8Weights{dw + e * H * I, dsc + e * H, I}; };
+  auto gate_up_of = [=](int64_t e) { return Int8Weights{gw + e * 2 * I * H, gs.from(e * 2 * I), H}; };
+  auto down_of = [=](int64_t e) { return Int8Weights{dw + e * H * I, ds.from(e * H), I}; };
   return fused_experts(x, experts, mix, gate_up_of, down_of, E, I, gate_up_bias, down_bias, alpha, limit);
 }
 
-// x [..., K] float32 times int8 weight rows [O, K] + bias -> [..., O], with float32 row scales [O] or bfloat16 scales
-// per block of 32 [O, K / 32].
+// x [..., K] float32 times int8 weight rows [O, K] + bias -> [..., O], with row scales [O] (float32 or bfloat16) or
+// bfloat16 scales per block of 32 [O, K / 32].
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.is_contiguous(),
@@ -610,13 +633,11 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == O && scales.size(1) == K / QK,
                 "block scales must be bfloat16 [O, K / 32]");
     Int8BlockWeights w;
-    w.weight = weight.data_ptr<int8_t>(), w.scales = nullptr, w.K = K;
+    w.weight = weight.data_ptr<int8_t>(), w.K = K;
     w.block_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
     return run(w, x, O, bias);
   }
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == O,
-              "row scales must be a float32 vector [O]");
-  const Int8Weights w{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K};
+  const Int8Weights w{weight.data_ptr<int8_t>(), row_scales(scales, O, "row scales [O]"), K};
   return run(w, x, O, bias);
 }
 
@@ -646,7 +667,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "x [..., K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [..., O] f32");
   m.def("mxfp4_experts", &mxfp4_experts, "tokens through their k MXFP4 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_experts", &int8_experts, "tokens through their k int8 experts (gate_up, SwiGLU, down), mixed");
-  m.def("int8_linear", &int8_linear, "x [..., K] f32 @ int8 rows [O, K] (f32 row or bf16 block scales) -> [..., O] f32");
+  m.def("int8_linear", &int8_linear, "x [..., K] f32 @ int8 rows [O, K] (f32/bf16 row or bf16 block scales) -> [..., O] f32");
   m.def("decode_attention", &decode_attention, "attention with sinks for a few queries over a KV cache (decoding)");
   m.def("rms_norm", &rms_norm, "x [..., D] f32, weight [D] -> RMSNorm of x's rows");
   m.def("rotary", &rotary, "x [B, H, T, D] f32, cos/sin [T or B, T, D/2] -> x's heads rotated, contiguous");
