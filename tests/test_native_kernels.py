@@ -160,8 +160,10 @@ def int8_weight64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("block", [None, 32], ids=["row scales", "block scales"])
-@pytest.mark.parametrize("n", [1, 4, 6])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 8, 11, 17])
 def test_int8_linear_within_the_activation_rounding_bound(n, block):
+    """(Row scales on AVX-512: 16 weight rows per register, activation rows 8, 4, 2 or 1 at a time; O = 45 leaves a
+    group of 13 rows.)"""
     g = torch.Generator().manual_seed(n)
     O, K = 45, 320  # noqa: E741
     q, s = quantize_int8(torch.randn(O, K, generator=g), block=block)
@@ -195,6 +197,29 @@ def test_int8_block_scales_extreme_and_zero_blocks():
     assert ((got.double() - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
     for t in range(5):
         assert torch.equal(int8_dynamic_linear(x[t : t + 1], q, s), got[t : t + 1])
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("K", [64, 96, 2880])
+def test_int8_row_scales_batch_rows_equal_rows_alone(K, threads):
+    """Every row of a batch is bit-identical to the same row computed alone, whatever the batch size: each block's
+    integer sum is exact however the rows are grouped (AVX-512: transposed weights for 2 rows or more, a lane tree
+    for one), then scaled and added in the same order. Row counts that leave partial groups of 16 weight rows (and,
+    at K = 2880 on 2 threads, each thread's share starting inside one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(K + threads)
+        for O in (1, 15, 16, 37):  # noqa: E741
+            q, s = quantize_int8(torch.randn(O, K, generator=g))
+            bias = torch.randn(O, generator=g)
+            x = torch.randn(19, K, generator=g) * torch.exp2(torch.randint(-8, 9, (19, 1), generator=g).float())
+            alone = torch.cat([int8_dynamic_linear(x[t : t + 1], q, s, bias) for t in range(19)])
+            for n in (2, 3, 4, 5, 8, 9, 12, 19):
+                assert torch.equal(int8_dynamic_linear(x[:n], q, s, bias), alone[:n]), (O, n)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_int8_linear_takes_block_scales_where_the_native_kernel_runs(monkeypatch):

@@ -19,7 +19,8 @@
 // AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
 // (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads. The byte
 // instructions multiply unsigned bytes by signed ones: the weights come as unsigned codes w + c where they can
-// (`tile`, `tile2`), and the activations' sums times c are taken off once per block.
+// (`tile`, `tile2`, `tile16`), and the activations' sums times c are taken off once per block. int8 rows with row
+// scales take their own AVX-512 path, 16 weight rows per register (`row_range16`).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -72,20 +74,55 @@ int64_t position(int64_t j, int64_t b, Layout layout) {  // where value j of blo
   return (j % 2) * QK + (b % 2) * (QK / 2) + j / 2;
 }
 
-// x [K] -> q [K] int8, d [K / 32] float, with q * d ~= x (d = max|block| / 127).
-void quantize_row(const float* x, int8_t* q, float* d, int64_t K, Layout layout) {
-  for (int64_t b = 0; b < K / QK; ++b) {
-    const float* xb = x + b * QK;
-    float amax = 0.f;
-    for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    d[b] = amax / 127.f;
-    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-    int8_t* start = q + (layout == kPair ? (b - b % 2) * QK : b * QK);
-    for (int64_t j = 0; j < QK; ++j) {
-      start[position(j, b, layout)] = static_cast<int8_t>(std::nearbyint(std::clamp(xb[j] * inverse, -127.f, 127.f)));
+// Rows of activations as the products read them: row t of K values x is stored as codes q [K] int8 (in a layout) and
+// steps d [K / 32] float, with q * d ~= x per block (d = max|block| / 127), and each block's sum of its codes, sums
+// [K / 32] (for weights stored as unsigned codes w + c: sum (w + c) q = sum w q + c sum q; see `tile16`).
+struct Q8Rows {
+  int8_t* q;      // [n, K]
+  float* d;       // [n, K / 32]
+  int32_t* sums;  // [n, K / 32]
+  int64_t K;
+
+  Q8Rows from(int64_t first) const {  // rows first, first + 1, ... (a view)
+    return {q + first * K, d + first * (K / QK), sums + first * (K / QK), K};
+  }
+
+  // Row t <- x [K], its blocks' codes in `layout`.
+  void quantize(int64_t t, const float* x, Layout layout) const {
+    int8_t* qt = q + t * K;
+    for (int64_t b = 0; b < K / QK; ++b) {
+      const float* xb = x + b * QK;
+      float amax = 0.f;
+      for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      d[t * (K / QK) + b] = amax / 127.f;
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* block = qt + (layout == kPair ? (b - b % 2) * QK : b * QK);
+      int32_t sum = 0;
+      for (int64_t j = 0; j < QK; ++j) {
+        const int8_t code = static_cast<int8_t>(std::nearbyint(std::clamp(xb[j] * inverse, -127.f, 127.f)));
+        block[position(j, b, layout)] = code;
+        sum += code;
+      }
+      sums[t * (K / QK) + b] = sum;
     }
   }
-}
+
+  void copy(int64_t t, const Q8Rows& other, int64_t u) const {  // row t <- row u of `other` (same K and layout)
+    std::memcpy(q + t * K, other.q + u * K, K);
+    std::memcpy(d + t * (K / QK), other.d + u * (K / QK), K / QK * sizeof(float));
+    std::memcpy(sums + t * (K / QK), other.sums + u * (K / QK), K / QK * sizeof(int32_t));
+  }
+};
+
+// The buffers of n rows of K values (torch tensors, freed with this object).
+struct Q8Buffers {
+  torch::Tensor q, d, sums;
+  Q8Buffers(int64_t n, int64_t K, const torch::TensorOptions& options)
+      : q(torch::empty({n, K}, options.dtype(torch::kInt8))),
+        d(torch::empty({n, K / QK}, options.dtype(torch::kFloat32))),
+        sums(torch::empty({n, K / QK}, options.dtype(torch::kInt32))) {}
+  Q8Rows rows() { return {q.data_ptr<int8_t>(), d.data_ptr<float>(), sums.data_ptr<int32_t>(), q.size(1)}; }
+};
 
 // Whether rows of G blocks take the 512-bit path, two blocks at a time.
 constexpr bool wide(int64_t G) {
@@ -276,7 +313,7 @@ inline float horizontal_sum(__m256 v) {
 // so each activation block's lanes start from -kOffset * (their sum of q), once per activation row for the R weight
 // rows. Either way the integer sums are the signed ones exactly.
 template <int R, int T, class W>
-inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < T; ++i) acc[r][i] = _mm256_setzero_ps();
@@ -293,8 +330,8 @@ inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
     }
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
-      const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * K + b * QK));
-      const float dt = d[t * G + b];
+      const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + t * K + b * QK));
+      const float dt = x.d[t * G + b];
       __m256i start = _mm256_setzero_si256();
       if constexpr (W::kOffset > 0) start = _mm256_sub_epi32(start, dot_unsigned(start, offset, qb));
       for (int r = 0; r < R; ++r) {
@@ -313,7 +350,7 @@ inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
 // so each activation pair's lanes start from -kOffset2 * (their sum of q), once per activation row for the tile's R
 // weight rows. The integer sums are the signed ones exactly; no sign fix per weight row.
 template <int R, int T, class W>
-inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+inline void tile2(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < T; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -331,9 +368,9 @@ inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_
     }
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
-      const __m512i qb = _mm512_loadu_si512(q + t * K + b * QK);
+      const __m512i qb = _mm512_loadu_si512(x.q + t * K + b * QK);
       const __m512 x_scale =
-          _mm512_mask_blend_ps(W::kSecondBlock, _mm512_set1_ps(d[t * G + b]), _mm512_set1_ps(d[t * G + b + 1]));
+          _mm512_mask_blend_ps(W::kSecondBlock, _mm512_set1_ps(x.d[t * G + b]), _mm512_set1_ps(x.d[t * G + b + 1]));
       const __m512i start =
           _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, qb));
       for (int r = 0; r < R; ++r) {
@@ -348,7 +385,7 @@ inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_
 #endif
 #else
 template <int R, int T, class W>
-inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
+inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
   int8_t wb[QK];
   const int64_t K = G * QK;
   for (int j = 0; j < R * T; ++j) sums[j] = 0.f;
@@ -357,10 +394,10 @@ inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
       w.block_scalar(o + r, b, wb);
       const float s = w.block_scale(o + r, b);
       for (int i = 0; i < T; ++i) {
-        const int8_t* qb = q + (t0 + i) * K + b * QK;
+        const int8_t* qb = x.q + (t0 + i) * K + b * QK;
         int32_t dot = 0;
         for (int64_t j = 0; j < QK; ++j) dot += int32_t(wb[j]) * int32_t(qb[j]);
-        sums[r * T + i] += float(dot) * (s * d[(t0 + i) * G + b]);
+        sums[r * T + i] += float(dot) * (s * x.d[(t0 + i) * G + b]);
       }
     }
   }
@@ -369,15 +406,15 @@ inline void tile(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
 
 #if !defined(OSSGPT_AVX512)
 template <int R, int T, class W>
-inline void tile2(const W& w, int64_t o, const int8_t* q, const float* d, int64_t t0, int64_t G, float* sums) {
-  tile<R, T>(w, o, q, d, t0, G, sums);  // no 512-bit registers: never called (`wide` is false)
+inline void tile2(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
+  tile<R, T>(w, o, x, t0, G, sums);  // no 512-bit registers: never called (`wide` is false)
 }
 #endif
 
 // Weight rows o .. o + R - 1 times all n activation rows: tiles of 4 activation rows, then one at a time.
 template <int R, class W>
-inline void rows(const W& w, int64_t o, const int8_t* q, const float* d, int64_t n, int64_t G, int64_t O,
-                 const float* bias, float* y) {
+inline void rows(const W& w, int64_t o, const Q8Rows& x, int64_t n, int64_t G, int64_t O, const float* bias,
+                 float* y) {
   float sums[R * 4];
   int64_t t = 0;
   auto store = [&](int T) {  // one rounding (fma), whatever the compiler would contract: tiles of any shape agree
@@ -386,40 +423,169 @@ inline void rows(const W& w, int64_t o, const int8_t* q, const float* d, int64_t
         y[(t + i) * O + o + r] = std::fma(sums[r * T + i], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
   };
   for (; t + 4 <= n; t += 4) {
-    wide(G) ? tile2<R, 4>(w, o, q, d, t, G, sums) : tile<R, 4>(w, o, q, d, t, G, sums);
+    wide(G) ? tile2<R, 4>(w, o, x, t, G, sums) : tile<R, 4>(w, o, x, t, G, sums);
     store(4);
   }
   for (; t < n; ++t) {
-    wide(G) ? tile2<R, 1>(w, o, q, d, t, G, sums) : tile<R, 1>(w, o, q, d, t, G, sums);
+    wide(G) ? tile2<R, 1>(w, o, x, t, G, sums) : tile<R, 1>(w, o, x, t, G, sums);
     store(1);
   }
 }
 
-// Output columns begin .. end - 1 of y [n, O] (one thread's share), 4 or 2 weight rows per tile. Four where a tile's
-// accumulators leave room: decoding (one to three activation rows: 4 accumulators, more independent chains), or
-// int8 weights on the 512-bit path (4 x 4 of AVX-512's 32 registers: each activation block is loaded once for 4
-// weight rows). Else two: 2 x 4 accumulators fit AVX2's 16 registers, and MXFP4's 512-bit unpacking needs
-// registers of its own.
-template <class W>
-void row_range(const W& w, const int8_t* q, const float* d, int64_t n, int64_t G, int64_t O, const float* bias,
-               float* y, int64_t begin, int64_t end) {
-  int64_t o = begin;
-  if (n < 4 || (wide(G) && W::kWideTilesOfFour)) {
-    for (; o + 4 <= end; o += 4) rows<4>(w, o, q, d, n, G, O, bias, y);
+#if defined(OSSGPT_AVX512)
+// -------------------------------------------------------------- int8 rows with row scales, 16 rows at a time
+// The tiles above give each (weight row, activation row) pair a vector of 16 partial sums, converted to float and
+// scaled every two blocks and added up across lanes at the end: a conversion per 64 products, on the same port as
+// vpdpbusd. Here a 512-bit register holds 16 weight rows instead, one int32 lane each, so the lane ends a block
+// holding the block's whole integer sum: one conversion and one multiply-add per block of 32, for 16 rows at once.
+//
+// Two ways to get there, chosen by the number of activation rows; both give every row's block sums exactly, so a
+// row's result is the same bit for bit whatever the rows it is computed with:
+//   tile16 (2 activation rows or more): the 16 rows' next 64 bytes are transposed (16 x 16 int32): register j then
+//     holds bytes 4j .. 4j + 3 of every row, and vpdpbusd multiplies it by those 4 activation codes broadcast.
+//   single16 (one activation row): each row's 64 bytes times the activations, as in tile2, then the 16 vectors of
+//     partial sums are added across lanes and transposed in one tree (46 instructions where tile16 pays 64 for the
+//     transpose alone).
+// The weights are unsigned codes w + 128 (the sign bit flipped), so each block's sum is offset by 128 times the
+// activations' sum of codes (Q8Rows::sums); the sum starts from minus that.
+
+// v[r] lane j -> v[j] lane r, for 16 x 16 int32.
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int k = 0; k < 16; k += 2) {  // pairs of rows interleaved: per 128-bit lane, (r, r + 1) x 2 columns
+    t[k] = _mm512_unpacklo_epi32(v[k], v[k + 1]);
+    t[k + 1] = _mm512_unpackhi_epi32(v[k], v[k + 1]);
   }
-  for (; o + 2 <= end; o += 2) rows<2>(w, o, q, d, n, G, O, bias, y);
-  for (; o < end; ++o) rows<1>(w, o, q, d, n, G, O, bias, y);
+  for (int k = 0; k < 16; k += 4) {  // then 4 rows x 1 column per 128-bit lane
+    v[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
+    v[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
+    v[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
+    v[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
+  }
+  for (int h = 0; h < 16; h += 8) {  // then the 128-bit lanes: two steps of 4 x 4
+    for (int m = 0; m < 4; ++m) {
+      t[h + m] = _mm512_shuffle_i32x4(v[h + m], v[h + 4 + m], 0x88);
+      t[h + 4 + m] = _mm512_shuffle_i32x4(v[h + m], v[h + 4 + m], 0xDD);
+    }
+  }
+  for (int m = 0; m < 8; ++m) {
+    v[m] = _mm512_shuffle_i32x4(t[m], t[m + 8], 0x88);
+    v[m + 8] = _mm512_shuffle_i32x4(t[m], t[m + 8], 0xDD);
+  }
 }
 
-// y [n, O] = x [n, K] (quantized to q, d) times the weights' rows, plus bias [O] (or none).
+// Weight rows o .. o + count - 1 (count <= 16; the rest of the 16 lanes are zero rows) times activation rows
+// t0 .. t0 + T - 1, into acc[i] lane r (unscaled by the rows' scales).
+template <int T>
+inline void tile16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows& x, int64_t t0, __m512 acc[]) {
+  const int64_t K = x.K, G = K / QK;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));  // w + 128: w with its sign bit flipped
+  for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < G; b += 2) {
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r) {
+      if (r < count) w.prefetch(o + r, b);
+      v[r] = r < count ? _mm512_xor_si512(_mm512_loadu_si512(w.weight + (o + r) * K + b * QK), flip) : flip;
+    }
+    transpose16(v);
+    for (int i = 0; i < T; ++i) {
+      const int64_t t = t0 + i;
+      int32_t codes[QK * 2 / 4];  // the pair's 64 activation codes, 4 per int32
+      std::memcpy(codes, x.q + t * K + b * QK, sizeof codes);
+      for (int h = 0; h < 2; ++h) {  // blocks b and b + 1
+        __m512i sum = _mm512_set1_epi32(-128 * x.sums[t * G + b + h]);
+        for (int j = 0; j < 8; ++j) sum = _mm512_dpbusd_epi32(sum, v[8 * h + j], _mm512_set1_epi32(codes[8 * h + j]));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.d[t * G + b + h]), acc[i]);
+      }
+    }
+  }
+}
+
+// The same for one activation row t.
+inline void single16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows& x, int64_t t, __m512& acc) {
+  const int64_t K = x.K, G = K / QK;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < G; b += 2) {
+    const __m512i q = _mm512_loadu_si512(x.q + t * K + b * QK);
+    __m512i v[16];  // v[r]: row r's partial sums, lanes 0-7 block b, 8-15 block b + 1
+    for (int r = 0; r < 16; ++r) {
+      if (r < count) w.prefetch(o + r, b);
+      v[r] = r < count ? _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                             _mm512_xor_si512(_mm512_loadu_si512(w.weight + (o + r) * K + b * QK), flip), q)
+                       : _mm512_setzero_si512();
+    }
+    // Lanes added in pairs, then fours (per 128-bit lane, one row each), then the 128-bit lanes of a block.
+    __m512i u[8];
+    for (int k = 0; k < 8; ++k)
+      u[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; ++k)  // 128-bit lane L: rows 4k .. 4k + 3, each summed over lanes 4L .. 4L + 3
+      u[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * k], u[2 * k + 1]), _mm512_unpackhi_epi64(u[2 * k], u[2 * k + 1]));
+    for (int k = 0; k < 2; ++k)  // [rows 8k.., block b; rows 8k.., block b + 1; rows 8k + 4.., b; .., b + 1]
+      u[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0x88),
+                              _mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0xDD));
+    const __m512i sums[2] = {_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD)};
+    for (int h = 0; h < 2; ++h) {
+      const __m512i sum = _mm512_add_epi32(sums[h], _mm512_set1_epi32(-128 * x.sums[t * G + b + h]));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.d[t * G + b + h]), acc);
+    }
+  }
+}
+
+// Output columns begin .. end - 1 of y [n, O], 16 weight rows at a time: activation rows 8, 4, 2 at a time (tile16),
+// the last one alone (single16).
+inline void row_range16(const Int8Weights& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
+                        int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; o += 16) {
+    const int64_t count = std::min<int64_t>(16, end - o);
+    __m512 acc[8];
+    int64_t t = 0;
+    auto store = [&](int T) {  // as `rows`: one rounding for the row scale and bias
+      for (int i = 0; i < T; ++i) {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, acc[i]);
+        for (int r = 0; r < count; ++r)
+          y[(t + i) * O + o + r] = std::fma(lanes[r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
+      }
+    };
+    for (; t + 8 <= n; t += 8) tile16<8>(w, o, count, x, t, acc), store(8);
+    for (; t + 4 <= n; t += 4) tile16<4>(w, o, count, x, t, acc), store(4);
+    for (; t + 2 <= n; t += 2) tile16<2>(w, o, count, x, t, acc), store(2);
+    for (; t < n; ++t) single16(w, o, count, x, t, acc[0]), store(1);
+  }
+}
+#endif
+
+// Output columns begin .. end - 1 of y [n, O] (one thread's share). int8 weights with row scales on the 512-bit path:
+// 16 rows at a time (row_range16). Else tiles of 4 or 2 weight rows. Four where a tile's accumulators leave room:
+// decoding (one to three activation rows: 4 accumulators, more independent chains), or int8 weights with block
+// scales on the 512-bit path (4 x 4 of AVX-512's 32 registers: each activation block is loaded once for 4 weight
+// rows). Else two: 2 x 4 accumulators fit AVX2's 16 registers, and MXFP4's 512-bit unpacking needs registers of its
+// own.
 template <class W>
-void q8_matmul(const W& w, const int8_t* q, const float* d, int64_t n, int64_t K, int64_t O, const float* bias,
-               float* y) {
-  const int64_t G = K / QK;
+void row_range(const W& w, const Q8Rows& x, int64_t n, int64_t G, int64_t O, const float* bias, float* y,
+               int64_t begin, int64_t end) {
+#if defined(OSSGPT_AVX512)
+  if constexpr (std::is_same_v<W, Int8Weights>) {
+    if (wide(G)) return row_range16(w, x, n, O, bias, y, begin, end);
+  }
+#endif
+  int64_t o = begin;
+  if (n < 4 || (wide(G) && W::kWideTilesOfFour)) {
+    for (; o + 4 <= end; o += 4) rows<4>(w, o, x, n, G, O, bias, y);
+  }
+  for (; o + 2 <= end; o += 2) rows<2>(w, o, x, n, G, O, bias, y);
+  for (; o < end; ++o) rows<1>(w, o, x, n, G, O, bias, y);
+}
+
+// y [n, O] = x [n, K] (quantized) times the weights' rows, plus bias [O] (or none).
+template <class W>
+void q8_matmul(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y) {
+  const int64_t G = x.K / QK;
   // Enough rows per task that thread start-up is paid back (a row costs ~G * n block products): a decoded token's
   // 512 x 512 product already gains from a second thread (`python bench/int8_rows.py --vocab 512 --hidden 512`).
   const int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(1, G * n));
-  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) { row_range(w, q, d, n, G, O, bias, y, begin, end); });
+  at::parallel_for(0, O, grain, [&](int64_t begin, int64_t end) { row_range(w, x, n, G, O, bias, y, begin, end); });
 }
 
 // ---------------------------------------------------------------------------------------- entry points
@@ -444,18 +610,16 @@ const float* bias_pointer(const c10::optional<torch::Tensor>& bias, int64_t O) {
 template <class W>
 torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::optional<torch::Tensor>& bias) {
   const int64_t K = x.size(-1), n = x.numel() / K;
-  auto q = torch::empty({n, K}, x.options().dtype(torch::kInt8));
-  auto d = torch::empty({n, K / QK}, x.options());
+  Q8Buffers buffers(n, K, x.options());
+  const Q8Rows rows = buffers.rows();
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* dp = d.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) quantize_row(xp + t * K, qp + t * K, dp + t * (K / QK), K, w.layout());
+    for (int64_t t = begin; t < end; ++t) rows.quantize(t, xp + t * K, w.layout());
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = O;
   auto y = torch::empty(shape, x.options());
-  q8_matmul(w, qp, dp, n, K, O, bias_pointer(bias, O), y.data_ptr<float>());
+  q8_matmul(w, rows, n, O, bias_pointer(bias, O), y.data_ptr<float>());
   return y;
 }
 
@@ -511,43 +675,32 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& experts
     if (begin[e + 1] > begin[e]) used.push_back(e);
 
   auto opts = x.options();
-  auto qx = torch::empty({N, H}, opts.dtype(torch::kInt8));  // each token quantized once, then copied per pair
-  auto dx = torch::empty({N, G_in}, opts);
-  auto qp = torch::empty({P, H}, opts.dtype(torch::kInt8));
-  auto dp = torch::empty({P, G_in}, opts);
+  Q8Buffers x_buffers(N, H, opts), pair_buffers(P, H, opts), mid_buffers(P, I, opts);
+  const Q8Rows qx = x_buffers.rows(), qp = pair_buffers.rows(), qh = mid_buffers.rows();  // qx: each token once
   auto h = torch::empty({P, I2}, opts);  // gate_up outputs, then (first I columns) the activations
-  auto qh = torch::empty({P, I}, opts.dtype(torch::kInt8));
-  auto dh = torch::empty({P, G_mid}, opts);
   auto out = torch::empty({P, H}, opts);
   const float* xp = x.data_ptr<float>();
-  int8_t *qxp = qx.data_ptr<int8_t>(), *qpp = qp.data_ptr<int8_t>(), *qhp = qh.data_ptr<int8_t>();
-  float *dxp = dx.data_ptr<float>(), *dpp = dp.data_ptr<float>(), *hp = h.data_ptr<float>();
-  float *dhp = dh.data_ptr<float>(), *op = out.data_ptr<float>();
+  float *hp = h.data_ptr<float>(), *op = out.data_ptr<float>();
 
   const Layout in_layout = gate_up(0).layout(), mid_layout = down(0).layout();
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) quantize_row(xp + t * H, qxp + t * H, dxp + t * G_in, H, in_layout);
+    for (int64_t t = b; t < e; ++t) qx.quantize(t, xp + t * H, in_layout);
   });
-  for (int64_t i = 0; i < P; ++i) {
-    const int64_t t = sorted[i] / k;
-    std::memcpy(qpp + i * H, qxp + t * H, H);
-    std::memcpy(dpp + i * G_in, dxp + t * G_in, G_in * sizeof(float));
-  }
+  for (int64_t i = 0; i < P; ++i) qp.copy(i, qx, sorted[i] / k);
   // One projection of every used expert: output rows [0, used * O) split over the threads; expert e multiplies
-  // its pairs' inputs (rows begin[e] .. begin[e + 1] - 1 of q, d) into the same rows of y.
-  auto project = [&](int64_t O, int64_t G, auto weights_of, const int8_t* q, const float* d, const float* bias,
-                     float* y) {
+  // its pairs' inputs (rows begin[e] .. begin[e + 1] - 1 of q) into the same rows of y.
+  auto project = [&](int64_t O, int64_t G, auto weights_of, const Q8Rows& q, const float* bias, float* y) {
     const int64_t per_row = std::max<int64_t>(1, G * P / static_cast<int64_t>(used.size()));
     at::parallel_for(0, static_cast<int64_t>(used.size()) * O, std::max<int64_t>(4, 16384 / per_row),
                      [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo / O; j * O < hi; ++j) {
         const int64_t e = used[j], first = begin[e], n = begin[e + 1] - first;
-        row_range(weights_of(e), q + first * G * QK, d + first * G, n, G, O, bias + e * O, y + first * O,
+        row_range(weights_of(e), q.from(first), n, G, O, bias + e * O, y + first * O,
                   std::max(lo, j * O) - j * O, std::min(hi, (j + 1) * O) - j * O);
       }
     });
   };
-  project(I2, G_in, gate_up, qpp, dpp, gate_up_bias.data_ptr<float>(), hp);
+  project(I2, G_in, gate_up, qp, gate_up_bias.data_ptr<float>(), hp);
   const float a = static_cast<float>(alpha), l = static_cast<float>(limit);
   at::parallel_for(0, P, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {  // clamped SwiGLU (ossgpt.model.moe.clamped_swiglu), then quantized
@@ -556,10 +709,10 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& experts
         const float gate = std::min(hi[2 * c], l), up = std::clamp(hi[2 * c + 1], -l, l);
         hi[c] = (up + 1.f) * (gate / (1.f + std::exp(-a * gate)));  // in place: column c is read before written
       }
-      quantize_row(hi, qhp + i * I, dhp + i * G_mid, I, mid_layout);
+      qh.quantize(i, hi, mid_layout);
     }
   });
-  project(H, G_mid, down, qhp, dhp, down_bias.data_ptr<float>(), op);
+  project(H, G_mid, down, qh, down_bias.data_ptr<float>(), op);
   auto y = torch::zeros({N, H}, opts);
   float* yp = y.data_ptr<float>();
   const float* w = mix.data_ptr<float>();
