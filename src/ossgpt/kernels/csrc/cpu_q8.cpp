@@ -474,17 +474,21 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
+// How far ahead the 16-row paths prefetch each row: into the rows of the group after this one (the 16 KB of
+// `Int8Weights::prefetch` would fall inside this group when rows are long), and at least 16 KB.
+inline int64_t rows16_ahead(int64_t K) { return std::max<int64_t>(16 * K, 16384); }
+
 // Weight rows o .. o + count - 1 (count <= 16; the rest of the 16 lanes are zero rows) times activation rows
 // t0 .. t0 + T - 1, into acc[i] lane r (unscaled by the rows' scales).
 template <int T>
 inline void tile16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows& x, int64_t t0, __m512 acc[]) {
-  const int64_t K = x.K, G = K / QK;
+  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(K);
   const __m512i flip = _mm512_set1_epi8(char(0x80));  // w + 128: w with its sign bit flipped
   for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < G; b += 2) {
     __m512i v[16];
     for (int r = 0; r < 16; ++r) {
-      if (r < count) w.prefetch(o + r, b);
+      _mm_prefetch(reinterpret_cast<const char*>(w.weight + (o + r) * K + b * QK + ahead), _MM_HINT_T0);
       v[r] = r < count ? _mm512_xor_si512(_mm512_loadu_si512(w.weight + (o + r) * K + b * QK), flip) : flip;
     }
     transpose16(v);
@@ -503,14 +507,14 @@ inline void tile16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows&
 
 // The same for one activation row t.
 inline void single16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows& x, int64_t t, __m512& acc) {
-  const int64_t K = x.K, G = K / QK;
+  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(K);
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   acc = _mm512_setzero_ps();
   for (int64_t b = 0; b < G; b += 2) {
     const __m512i q = _mm512_loadu_si512(x.q + t * K + b * QK);
     __m512i v[16];  // v[r]: row r's partial sums, lanes 0-7 block b, 8-15 block b + 1
     for (int r = 0; r < 16; ++r) {
-      if (r < count) w.prefetch(o + r, b);
+      _mm_prefetch(reinterpret_cast<const char*>(w.weight + (o + r) * K + b * QK + ahead), _MM_HINT_T0);
       v[r] = r < count ? _mm512_dpbusd_epi32(_mm512_setzero_si512(),
                                              _mm512_xor_si512(_mm512_loadu_si512(w.weight + (o + r) * K + b * QK), flip), q)
                        : _mm512_setzero_si512();
