@@ -13,6 +13,8 @@ ossgpt.kernels.mxfp4.dequantize (checked against transformers in test_mxfp4) or,
 format's definition in float64 (`dequantize64`).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -199,25 +201,36 @@ def test_int8_block_scales_extreme_and_zero_blocks():
         assert torch.equal(int8_dynamic_linear(x[t : t + 1], q, s), got[t : t + 1])
 
 
+def random_product(kind: str, O: int, K: int, generator):  # noqa: E741
+    """A random MXFP4 or int8 (row scales, W8A8) product with a bias: x [n, K] -> [n, O]."""
+    bias = torch.randn(O, generator=generator)
+    if kind == "mxfp4":
+        blocks, scales = random_mxfp4(O, K, generator, exponents=(100, 140))
+        return functools.partial(mxfp4_linear, blocks=blocks, scales=scales, bias=bias)
+    q, s = quantize_int8(torch.randn(O, K, generator=generator))
+    return functools.partial(int8_dynamic_linear, weight=q, scales=s, bias=bias)
+
+
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("K", [64, 96, 2880])
-def test_int8_row_scales_batch_rows_equal_rows_alone(K, threads):
+@pytest.mark.parametrize("kind", ["int8 row scales", "mxfp4"])
+def test_batch_rows_equal_rows_alone(kind, K, threads):
     """Every row of a batch is bit-identical to the same row computed alone, whatever the batch size: each block's
-    integer sum is exact however the rows are grouped (AVX-512: transposed weights for 2 rows or more, a lane tree
-    for one), then scaled and added in the same order. Row counts that leave partial groups of 16 weight rows (and,
-    at K = 2880 on 2 threads, each thread's share starting inside one)."""
+    integer sum is exact however the rows are grouped (AVX-512, int8 with row scales and MXFP4's `mxfp4_linear`:
+    transposed weights for 2 rows or more, a lane tree for one), then scaled and added in the same order. Row
+    counts that leave partial groups of 16 weight rows (and, at K = 2880 on 2 threads, each thread's share starting
+    inside one)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(K + threads)
         for O in (1, 15, 16, 37):  # noqa: E741
-            q, s = quantize_int8(torch.randn(O, K, generator=g))
-            bias = torch.randn(O, generator=g)
+            product = random_product(kind, O, K, g)
             x = torch.randn(19, K, generator=g) * torch.exp2(torch.randint(-8, 9, (19, 1), generator=g).float())
-            alone = torch.cat([int8_dynamic_linear(x[t : t + 1], q, s, bias) for t in range(19)])
+            alone = torch.cat([product(x[t : t + 1]) for t in range(19)])
             for n in (2, 3, 4, 5, 8, 9, 12, 19):
-                assert torch.equal(int8_dynamic_linear(x[:n], q, s, bias), alone[:n]), (O, n)
+                assert torch.equal(product(x[:n]), alone[:n]), (O, n)
     finally:
         torch.set_num_threads(previous)
 

@@ -147,6 +147,7 @@ struct MXFP4Weights {
   // The vector paths' codes are the values plus kOffset (kOffset2 for block2), unsigned: see `tile`.
   static constexpr uint8_t kOffset = 12, kOffset2 = 12;
   static constexpr bool kWideTilesOfFour = false;  // see row_range
+  static constexpr bool kBlockScales = true, kRows16 = false;  // see MXFP4PromptWeights
   const float* scale_of = scale_table();  // exponent byte -> 2^(e - 127) / 2
 
   MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {}
@@ -160,6 +161,7 @@ struct MXFP4Weights {
   }
   Layout layout() const { return wide(G) ? kPair : kBlock; }
   float block_scale(int64_t o, int64_t b) const { return scale_of[scales[o * G + b]]; }
+  int64_t row_bytes() const { return G * (QK / 2); }
   float row_scale(int64_t) const { return 1.f; }
   void block_scalar(int64_t o, int64_t b, int8_t* w) const {
     const uint8_t* bytes = blocks + (o * G + b) * (QK / 2);
@@ -179,8 +181,8 @@ struct MXFP4Weights {
     const __m256i nibbles = _mm256_blend_epi32(bytes, _mm256_srli_epi16(bytes, 4), 0xF0);
     return _mm256_shuffle_epi8(table, _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F)));
   }
-  void prefetch(int64_t o, int64_t b) const {
-    _mm_prefetch(reinterpret_cast<const char*>(blocks + (o * G + b) * (QK / 2)) + 8192, _MM_HINT_T0);
+  void prefetch(int64_t o, int64_t b, int64_t ahead = 8192) const {
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + (o * G + b) * (QK / 2)) + ahead, _MM_HINT_T0);
   }
 #endif
 #if defined(OSSGPT_AVX512)
@@ -200,6 +202,15 @@ struct MXFP4Weights {
     return _mm512_mask_blend_ps(kSecondBlock, _mm512_set1_ps(block_scale(o, b)), _mm512_set1_ps(block_scale(o, b + 1)));
   }
 #endif
+};
+
+// The same weights, for the products of prompts (`mxfp4_linear`, an expert's tokens of a long prompt): 16 rows per
+// register where the machine has AVX-512 (`row_range16`), faster from two activation rows on but slower for one.
+// Decoding's fused experts keep MXFP4Weights' tiles: a row of a decoded batch is then the same bit for bit whatever
+// the other rows are, as its experts' products take the same path at any number of tokens.
+struct MXFP4PromptWeights : MXFP4Weights {
+  using MXFP4Weights::MXFP4Weights;
+  static constexpr bool kRows16 = true;
 };
 
 // One float per weight row, stored as float32 or as bfloat16 (quantize_int8's dtype, read as it is: no conversion
@@ -228,17 +239,19 @@ struct Int8Weights {
   // block: the signed values (kOffset 0: vpmaddubsw could saturate on w + 128); block2: w + 128 (see `tile2`).
   static constexpr uint8_t kOffset = 0, kOffset2 = 128;
   static constexpr bool kWideTilesOfFour = true;  // see row_range
+  static constexpr bool kBlockScales = false, kRows16 = true;  // block_scale is 1
   Layout layout() const { return kNatural; }
 
   float block_scale(int64_t, int64_t) const { return 1.f; }
   float row_scale(int64_t o) const { return scales[o]; }
+  int64_t row_bytes() const { return K; }
   void block_scalar(int64_t o, int64_t b, int8_t* w) const { std::memcpy(w, weight + o * K + b * QK, QK); }
 #if defined(__AVX2__)
   __m256i block(int64_t o, int64_t b) const {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + o * K + b * QK));
   }
-  void prefetch(int64_t o, int64_t b) const {
-    _mm_prefetch(reinterpret_cast<const char*>(weight + o * K + b * QK) + 16384, _MM_HINT_T0);
+  void prefetch(int64_t o, int64_t b, int64_t ahead = 16384) const {
+    _mm_prefetch(reinterpret_cast<const char*>(weight + o * K + b * QK) + ahead, _MM_HINT_T0);
   }
 #endif
 #if defined(OSSGPT_AVX512)
@@ -254,6 +267,7 @@ struct Int8Weights {
 // int8 rows with a bfloat16 scale per block of 32 (llama.cpp's Q8_0, with bf16 scales): a block's largest value sets
 // its own step, ~1.8x finer than one step per row for Gaussian rows, for 2 bytes more per 32.
 struct Int8BlockWeights : Int8Weights {
+  static constexpr bool kBlockScales = true, kRows16 = false;
   const uint16_t* block_scales;  // [O, K / 32], bfloat16 bits
   float block_scale(int64_t o, int64_t b) const { return bfloat16_to_float(block_scales[o * (K / QK) + b]); }
   float row_scale(int64_t) const { return 1.f; }
@@ -433,7 +447,7 @@ inline void rows(const W& w, int64_t o, const Q8Rows& x, int64_t n, int64_t G, i
 }
 
 #if defined(OSSGPT_AVX512)
-// -------------------------------------------------------------- int8 rows with row scales, 16 rows at a time
+// ------------------------------------------------------------------------------- 16 weight rows at a time
 // The tiles above give each (weight row, activation row) pair a vector of 16 partial sums, converted to float and
 // scaled every two blocks and added up across lanes at the end: a conversion per 64 products, on the same port as
 // vpdpbusd. Here a 512-bit register holds 16 weight rows instead, one int32 lane each, so the lane ends a block
@@ -441,13 +455,14 @@ inline void rows(const W& w, int64_t o, const Q8Rows& x, int64_t n, int64_t G, i
 //
 // Two ways to get there, chosen by the number of activation rows; both give every row's block sums exactly, so a
 // row's result is the same bit for bit whatever the rows it is computed with:
-//   tile16 (2 activation rows or more): the 16 rows' next 64 bytes are transposed (16 x 16 int32): register j then
-//     holds bytes 4j .. 4j + 3 of every row, and vpdpbusd multiplies it by those 4 activation codes broadcast.
-//   single16 (one activation row): each row's 64 bytes times the activations, as in tile2, then the 16 vectors of
+//   tile16 (2 activation rows or more): the 16 rows' next 64 codes (block2) are transposed (16 x 16 int32):
+//     register j then holds codes 4j .. 4j + 3 of every row, and vpdpbusd multiplies it by those 4 activation
+//     codes broadcast.
+//   single16 (one activation row): each row's 64 codes times the activations, as in tile2, then the 16 vectors of
 //     partial sums are added across lanes and transposed in one tree (46 instructions where tile16 pays 64 for the
 //     transpose alone).
-// The weights are unsigned codes w + 128 (the sign bit flipped), so each block's sum is offset by 128 times the
-// activations' sum of codes (Q8Rows::sums); the sum starts from minus that.
+// The codes are unsigned, w + kOffset2, so each block's sum is offset by kOffset2 times the activations' sum of
+// codes (Q8Rows::sums): it starts from minus that.
 
 // v[r] lane j -> v[j] lane r, for 16 x 16 int32.
 inline void transpose16(__m512i v[16]) {
@@ -474,74 +489,99 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
-// How far ahead the 16-row paths prefetch each row: into the rows of the group after this one (the 16 KB of
-// `Int8Weights::prefetch` would fall inside this group when rows are long), and at least 16 KB.
-inline int64_t rows16_ahead(int64_t K) { return std::max<int64_t>(16 * K, 16384); }
+// How far ahead the 16-row paths prefetch each row: into the rows of the group after this one (the fixed distance of
+// `prefetch` would fall inside this group when rows are long), and at least 16 KB.
+inline int64_t rows16_ahead(int64_t row_bytes) { return std::max<int64_t>(16 * row_bytes, 16384); }
 
-// Weight rows o .. o + count - 1 (count <= 16; the rest of the 16 lanes are zero rows) times activation rows
-// t0 .. t0 + T - 1, into acc[i] lane r (unscaled by the rows' scales).
-template <int T>
-inline void tile16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows& x, int64_t t0, __m512 acc[]) {
-  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(K);
-  const __m512i flip = _mm512_set1_epi8(char(0x80));  // w + 128: w with its sign bit flipped
+// Which of a block pair's 16 int32 columns (4 codes each) hold the k-th 4 codes of block b + h: in kNatural order
+// block b is columns 0-7; in kPair order (MXFP4) it is 0-3 (its even values) and 8-11 (its odd ones).
+inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4) * 8 + h * 4 + k % 4 : h * 8 + k; }
+
+// Weight rows o .. o + count - 1 (count <= 16; the other lanes are zero rows) times activation rows t0 .. t0 + T - 1,
+// into acc[i] lane r (without the rows' row scales). scales [G, 16]: the rows' block scales, lane by lane (if W has
+// block scales).
+template <int T, class W>
+inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t0,
+                   __m512 acc[]) {
+  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(w.row_bytes());
+  const Layout layout = w.layout();
   for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < G; b += 2) {
     __m512i v[16];
     for (int r = 0; r < 16; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w.weight + (o + r) * K + b * QK + ahead), _MM_HINT_T0);
-      v[r] = r < count ? _mm512_xor_si512(_mm512_loadu_si512(w.weight + (o + r) * K + b * QK), flip) : flip;
+      w.prefetch(o + r, b, ahead);  // (never faults, past the matrix too)
+      v[r] = r < count ? w.block2(o + r, b) : _mm512_set1_epi8(char(W::kOffset2));  // (a zero row's codes)
     }
     transpose16(v);
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
-      int32_t codes[QK * 2 / 4];  // the pair's 64 activation codes, 4 per int32
+      int32_t codes[16];  // the pair's 64 activation codes, 4 per int32
       std::memcpy(codes, x.q + t * K + b * QK, sizeof codes);
       for (int h = 0; h < 2; ++h) {  // blocks b and b + 1
-        __m512i sum = _mm512_set1_epi32(-128 * x.sums[t * G + b + h]);
-        for (int j = 0; j < 8; ++j) sum = _mm512_dpbusd_epi32(sum, v[8 * h + j], _mm512_set1_epi32(codes[8 * h + j]));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.d[t * G + b + h]), acc[i]);
+        __m512i sum = _mm512_set1_epi32(-int32_t(W::kOffset2) * x.sums[t * G + b + h]);
+        for (int k = 0; k < 8; ++k) {
+          const int j = column(layout, h, k);
+          sum = _mm512_dpbusd_epi32(sum, v[j], _mm512_set1_epi32(codes[j]));
+        }
+        const __m512 d = _mm512_set1_ps(x.d[t * G + b + h]);
+        const __m512 scale = W::kBlockScales ? _mm512_mul_ps(_mm512_loadu_ps(scales + (b + h) * 16), d) : d;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
       }
     }
   }
 }
 
 // The same for one activation row t.
-inline void single16(const Int8Weights& w, int64_t o, int64_t count, const Q8Rows& x, int64_t t, __m512& acc) {
-  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(K);
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
+template <class W>
+inline void single16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
+                     __m512& acc) {
+  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(w.row_bytes());
+  // The 128-bit lanes (4 columns each) of block b and of block b + 1, as shuffle_i32x4 selects them from two vectors
+  // (see `column`): kNatural 0, 1 and 2, 3; kPair 0, 2 and 1, 3.
+  const bool pair = w.layout() == kPair;
   acc = _mm512_setzero_ps();
   for (int64_t b = 0; b < G; b += 2) {
     const __m512i q = _mm512_loadu_si512(x.q + t * K + b * QK);
-    __m512i v[16];  // v[r]: row r's partial sums, lanes 0-7 block b, 8-15 block b + 1
+    __m512i v[16];  // v[r]: row r's 16 partial sums
     for (int r = 0; r < 16; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w.weight + (o + r) * K + b * QK + ahead), _MM_HINT_T0);
-      v[r] = r < count ? _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                             _mm512_xor_si512(_mm512_loadu_si512(w.weight + (o + r) * K + b * QK), flip), q)
-                       : _mm512_setzero_si512();
+      w.prefetch(o + r, b, ahead);  // (never faults, past the matrix too)
+      v[r] = r < count ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.block2(o + r, b), q) : _mm512_setzero_si512();
     }
-    // Lanes added in pairs, then fours (per 128-bit lane, one row each), then the 128-bit lanes of a block.
+    // Columns added in pairs, then fours (per 128-bit lane, one row each), then the 128-bit lanes of a block.
     __m512i u[8];
     for (int k = 0; k < 8; ++k)
       u[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
-    for (int k = 0; k < 4; ++k)  // 128-bit lane L: rows 4k .. 4k + 3, each summed over lanes 4L .. 4L + 3
+    for (int k = 0; k < 4; ++k)  // 128-bit lane L: rows 4k .. 4k + 3, each summed over columns 4L .. 4L + 3
       u[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * k], u[2 * k + 1]), _mm512_unpackhi_epi64(u[2 * k], u[2 * k + 1]));
     for (int k = 0; k < 2; ++k)  // [rows 8k.., block b; rows 8k.., block b + 1; rows 8k + 4.., b; .., b + 1]
-      u[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0x88),
-                              _mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0xDD));
+      u[k] = pair ? _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0x44),
+                                     _mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0xEE))
+                  : _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0x88),
+                                     _mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0xDD));
     const __m512i sums[2] = {_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD)};
     for (int h = 0; h < 2; ++h) {
-      const __m512i sum = _mm512_add_epi32(sums[h], _mm512_set1_epi32(-128 * x.sums[t * G + b + h]));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.d[t * G + b + h]), acc);
+      const __m512i sum = _mm512_add_epi32(sums[h], _mm512_set1_epi32(-int32_t(W::kOffset2) * x.sums[t * G + b + h]));
+      const __m512 d = _mm512_set1_ps(x.d[t * G + b + h]);
+      const __m512 scale = W::kBlockScales ? _mm512_mul_ps(_mm512_loadu_ps(scales + (b + h) * 16), d) : d;
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
     }
   }
 }
 
 // Output columns begin .. end - 1 of y [n, O], 16 weight rows at a time: activation rows 8, 4, 2 at a time (tile16),
 // the last one alone (single16).
-inline void row_range16(const Int8Weights& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
+template <class W>
+inline void row_range16(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
                         int64_t begin, int64_t end) {
+  const int64_t G = x.K / QK;
+  // The group's block scales, transposed to a lane per row once for all its tiles (read lane by lane right after
+  // being written, they would wait on the stores).
+  std::vector<float> scales(W::kBlockScales ? G * 16 : 0);
   for (int64_t o = begin; o < end; o += 16) {
     const int64_t count = std::min<int64_t>(16, end - o);
+    if constexpr (W::kBlockScales)
+      for (int r = 0; r < 16; ++r)
+        for (int64_t b = 0; b < G; ++b) scales[b * 16 + r] = r < count ? w.block_scale(o + r, b) : 0.f;
     __m512 acc[8];
     int64_t t = 0;
     auto store = [&](int T) {  // as `rows`: one rounding for the row scale and bias
@@ -552,10 +592,10 @@ inline void row_range16(const Int8Weights& w, const Q8Rows& x, int64_t n, int64_
           y[(t + i) * O + o + r] = std::fma(lanes[r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
       }
     };
-    for (; t + 8 <= n; t += 8) tile16<8>(w, o, count, x, t, acc), store(8);
-    for (; t + 4 <= n; t += 4) tile16<4>(w, o, count, x, t, acc), store(4);
-    for (; t + 2 <= n; t += 2) tile16<2>(w, o, count, x, t, acc), store(2);
-    for (; t < n; ++t) single16(w, o, count, x, t, acc[0]), store(1);
+    for (; t + 8 <= n; t += 8) tile16<8>(w, o, count, scales.data(), x, t, acc), store(8);
+    for (; t + 4 <= n; t += 4) tile16<4>(w, o, count, scales.data(), x, t, acc), store(4);
+    for (; t + 2 <= n; t += 2) tile16<2>(w, o, count, scales.data(), x, t, acc), store(2);
+    for (; t < n; ++t) single16(w, o, count, scales.data(), x, t, acc[0]), store(1);
   }
 }
 #endif
@@ -570,7 +610,7 @@ template <class W>
 void row_range(const W& w, const Q8Rows& x, int64_t n, int64_t G, int64_t O, const float* bias, float* y,
                int64_t begin, int64_t end) {
 #if defined(OSSGPT_AVX512)
-  if constexpr (std::is_same_v<W, Int8Weights>) {
+  if constexpr (W::kRows16) {
     if (wide(G)) return row_range16(w, x, n, O, bias, y, begin, end);
   }
 #endif
@@ -636,7 +676,7 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
               "blocks [O, G, 16] and scales [O, G] must be contiguous uint8 tensors");
   const int64_t O = blocks.size(0), G = blocks.size(1);
   check_activations(x, G * QK, true);
-  const MXFP4Weights w(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G);
+  const MXFP4PromptWeights w(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G);
   return run(w, x, O, bias);
 }
 
