@@ -340,44 +340,68 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs ({isa}), torch {torch.__version__}"
 
 
-def kernel_rates(threads: int) -> list[tuple[str, float, float]]:
-    """(kernel, hot, streamed) for the native products of one token (x [1, 2880]): `hot` in G weights/s on one
-    thread over a matrix that fits in L2; `streamed` in GB/s on `threads` threads over 640 MB of distinct
-    matrices (larger than any cache), as decoding reads them."""
+def kernel_rates(threads: int) -> list[tuple[str, float, float, float]]:
+    """(kernel, hot, streamed, prompt) for the native products, as the model calls them:
+      hot       one token (x [1, 2880]), in G weights/s on one thread, the weights in L2;
+      streamed  the same in GB/s on `threads` threads over 640 MB of distinct weights (more than any cache), as
+                decoding reads them;
+      prompt    64 tokens (x [64, 2880], an expert's share of a 512-token prompt), in G products/s on one thread,
+                the weights in L2.
+    A token's MXFP4 products go through decoding's call, the fused experts (one expert: gate_up, SwiGLU, down,
+    3 x 2880 x I weights); a prompt's through `mxfp4_linear`, as a long prompt's experts do. int8: `int8_linear`
+    (the LM head's product) for both."""
     from ossgpt.kernels.native import native
 
     kernels = native()
     if kernels is None:
         return []
-    x = torch.randn(1, 2880)
+    token, prompt = torch.randn(1, 2880), torch.randn(64, 2880)
 
-    def mxfp4(rows: int):
-        return (torch.randint(0, 256, (rows, 90, 16), dtype=torch.uint8),
-                torch.randint(118, 122, (rows, 90), dtype=torch.uint8))  # fmt: skip
+    def mxfp4(rows: int, columns: int = 2880) -> tuple:
+        return (torch.randint(0, 256, (rows, columns // 32, 16), dtype=torch.uint8),
+                torch.randint(118, 122, (rows, columns // 32), dtype=torch.uint8))  # fmt: skip
 
-    def int8(rows: int):
+    def expert(width: int) -> tuple:
+        """One MXFP4 expert of intermediate size `width`, as the fused experts take it (E = 1)."""
+        (gb, gs), (db, ds) = mxfp4(2 * width), mxfp4(2880, width)
+        return gb[None], gs[None], torch.zeros(1, 2 * width), db[None], ds[None], torch.zeros(1, 2880)
+
+    def int8(rows: int) -> tuple:
         return torch.randint(-127, 128, (rows, 2880), dtype=torch.int8), torch.rand(rows)
 
-    def seconds(product, matrices, repeats: int) -> float:
-        """Seconds to multiply x by every matrix once (best of `repeats` passes after a first)."""
+    only_expert = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
+
+    def through_experts(x, *weights):
+        return kernels.mxfp4_experts(x, *only_expert, *weights, 1.702, 7.0)
+
+    def seconds(product, weights: list, repeats: int, x=token) -> float:
+        """Seconds to multiply x by every entry of `weights` once (best of `repeats` passes after a first)."""
         best = float("inf")
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            for matrix in matrices:
-                product(x, *matrix, None)
+            for entry in weights:
+                product(x, *entry)
             best = min(best, time.perf_counter() - start)
         return best
 
+    def nbytes(weights: list) -> int:
+        return sum(t.numel() * t.element_size() for entry in weights for t in entry if t.dtype != torch.float32)
+
     rows = []
-    for name, make, product in (("MXFP4", mxfp4, kernels.mxfp4_linear), ("int8", int8, kernels.int8_linear)):
+    for name, (decode, small, large, small_weights), (linear, matrix) in (
+        ("MXFP4", (through_experts, expert(128), lambda: expert(2880), 3 * 128 * 2880),
+         (lambda x, *m: kernels.mxfp4_linear(x, *m, None), mxfp4(256))),
+        ("int8", (lambda x, *m: kernels.int8_linear(x, *m, None), int8(256), lambda: int8(5760), 256 * 2880),
+         (lambda x, *m: kernels.int8_linear(x, *m, None), int8(256))),
+    ):  # fmt: skip
         torch.set_num_threads(1)
-        small = make(256)
-        hot = 256 * 2880 * 200 / seconds(product, [small] * 200, 10) / 1e9
+        hot = small_weights * 200 / seconds(decode, [small] * 200, 10) / 1e9
+        hot_prompt = 64 * 256 * 2880 * 20 / seconds(linear, [matrix] * 20, 5, prompt) / 1e9
         torch.set_num_threads(threads)
-        matrices = [make(5760) for _ in range(640 * 10**6 // sum(t.numel() * t.element_size() for t in make(5760)))]
-        nbytes = sum(t.numel() * t.element_size() for m in matrices for t in m)
-        streamed = nbytes / seconds(product, matrices, 3) / 1e9
-        rows.append((name, hot, streamed))
+        count = 640 * 10**6 // nbytes([large()])
+        weights = [large() for _ in range(count)]
+        streamed = nbytes(weights) / seconds(decode, weights, 3) / 1e9
+        rows.append((name, hot, streamed, hot_prompt))
     return rows
 
 
@@ -514,10 +538,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.kernels:
         print(f"CPU: {machine()}; float32 GEMV bandwidth {gemv_bandwidth(args.threads) / 1e9:.1f} GB/s\n")
         print(
-            "| kernel (x [1, 2880]) | in L2, 1 thread (G weights/s) | streamed, 640 MB (GB/s) |\n| --- | ---: | ---: |"
+            "| kernel | x [1, 2880]: in L2, 1 thread (G weights/s) | x [1, 2880]: streamed, 640 MB (GB/s) "
+            "| x [64, 2880]: in L2, 1 thread (G products/s) |\n| --- | ---: | ---: | ---: |"
         )
-        for name, hot, streamed in kernel_rates(args.threads):
-            print(f"| {name} | {hot:.1f} | {streamed:.1f} |")
+        for name, hot, streamed, hot_prompt in kernel_rates(args.threads):
+            print(f"| {name} | {hot:.1f} | {streamed:.1f} | {hot_prompt:.1f} |")
         return
     if bool(args.llama_bench) != bool(args.gguf):
         parser.error("--llama-bench and --gguf go together")

@@ -19,8 +19,8 @@
 // AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
 // (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads. The byte
 // instructions multiply unsigned bytes by signed ones: the weights come as unsigned codes w + c where they can
-// (`tile`, `tile2`, `tile16`), and the activations' sums times c are taken off once per block. int8 rows with row
-// scales take their own AVX-512 path, 16 weight rows per register (`row_range16`).
+// (`tile`, `tile2`, `tile16`), and the activations' sums times c are taken off once per block. The linear products of
+// int8 rows with row scales and of MXFP4 rows take their own AVX-512 path: 16 weight rows per register (`Rows16`).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -147,7 +147,7 @@ struct MXFP4Weights {
   // The vector paths' codes are the values plus kOffset (kOffset2 for block2), unsigned: see `tile`.
   static constexpr uint8_t kOffset = 12, kOffset2 = 12;
   static constexpr bool kWideTilesOfFour = false;  // see row_range
-  static constexpr bool kBlockScales = true, kRows16 = false;  // see MXFP4PromptWeights
+  static constexpr bool kBlockScales = true, kRows16 = false;  // kRows16: see Rows16
   const float* scale_of = scale_table();  // exponent byte -> 2^(e - 127) / 2
 
   MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {}
@@ -204,15 +204,6 @@ struct MXFP4Weights {
 #endif
 };
 
-// The same weights, for the products of prompts (`mxfp4_linear`, an expert's tokens of a long prompt): 16 rows per
-// register where the machine has AVX-512 (`row_range16`), faster from two activation rows on but slower for one.
-// Decoding's fused experts keep MXFP4Weights' tiles: a row of a decoded batch is then the same bit for bit whatever
-// the other rows are, as its experts' products take the same path at any number of tokens.
-struct MXFP4PromptWeights : MXFP4Weights {
-  using MXFP4Weights::MXFP4Weights;
-  static constexpr bool kRows16 = true;
-};
-
 // One float per weight row, stored as float32 or as bfloat16 (quantize_int8's dtype, read as it is: no conversion
 // per call).
 struct RowScales {
@@ -239,7 +230,7 @@ struct Int8Weights {
   // block: the signed values (kOffset 0: vpmaddubsw could saturate on w + 128); block2: w + 128 (see `tile2`).
   static constexpr uint8_t kOffset = 0, kOffset2 = 128;
   static constexpr bool kWideTilesOfFour = true;  // see row_range
-  static constexpr bool kBlockScales = false, kRows16 = true;  // block_scale is 1
+  static constexpr bool kBlockScales = false, kRows16 = false;  // block_scale is 1; kRows16: see Rows16
   Layout layout() const { return kNatural; }
 
   float block_scale(int64_t, int64_t) const { return 1.f; }
@@ -267,7 +258,7 @@ struct Int8Weights {
 // int8 rows with a bfloat16 scale per block of 32 (llama.cpp's Q8_0, with bf16 scales): a block's largest value sets
 // its own step, ~1.8x finer than one step per row for Gaussian rows, for 2 bytes more per 32.
 struct Int8BlockWeights : Int8Weights {
-  static constexpr bool kBlockScales = true, kRows16 = false;
+  static constexpr bool kBlockScales = true;
   const uint16_t* block_scales;  // [O, K / 32], bfloat16 bits
   float block_scale(int64_t o, int64_t b) const { return bfloat16_to_float(block_scales[o * (K / QK) + b]); }
   float row_scale(int64_t) const { return 1.f; }
@@ -282,6 +273,16 @@ struct Int8BlockWeights : Int8Weights {
                                                        _mm512_and_si512(both, _mm512_set1_epi32(int32_t(0xFFFF0000)))));
   }
 #endif
+};
+
+// W's rows, 16 per register on the 512-bit path (row_range16; int8 with row scales, or MXFP4): what the linear
+// products use (`int8_linear`: the LM head; `mxfp4_linear`: a long prompt's experts). From two activation rows on it
+// is the faster; for one row, the tiles are, in cache. The fused experts (decoding: an expert gets one token or a
+// few) keep W and its tiles. Either way a row's result is the same bit for bit whatever the other rows are.
+template <class W>
+struct Rows16 : W {
+  explicit Rows16(const W& w) : W(w) {}
+  static constexpr bool kRows16 = true;
 };
 
 // ----------------------------------------------------------------------------- the block dot products
@@ -574,8 +575,8 @@ template <class W>
 inline void row_range16(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
                         int64_t begin, int64_t end) {
   const int64_t G = x.K / QK;
-  // The group's block scales, transposed to a lane per row once for all its tiles (read lane by lane right after
-  // being written, they would wait on the stores).
+  // The group's block scales, a lane per row, built once for all its activation rows (built per block pair inside the
+  // tiles, each vector load would wait on the 16 scalar stores just before it).
   std::vector<float> scales(W::kBlockScales ? G * 16 : 0);
   for (int64_t o = begin; o < end; o += 16) {
     const int64_t count = std::min<int64_t>(16, end - o);
@@ -600,8 +601,8 @@ inline void row_range16(const W& w, const Q8Rows& x, int64_t n, int64_t O, const
 }
 #endif
 
-// Output columns begin .. end - 1 of y [n, O] (one thread's share). int8 weights with row scales on the 512-bit path:
-// 16 rows at a time (row_range16). Else tiles of 4 or 2 weight rows. Four where a tile's accumulators leave room:
+// Output columns begin .. end - 1 of y [n, O] (one thread's share). On the 512-bit path, Rows16 (int8 with row scales
+// or MXFP4, in the linear products): 16 rows at a time (row_range16). Else tiles of 4 or 2 weight rows. Four where a tile's accumulators leave room:
 // decoding (one to three activation rows: 4 accumulators, more independent chains), or int8 weights with block
 // scales on the 512-bit path (4 x 4 of AVX-512's 32 registers: each activation block is loaded once for 4 weight
 // rows). Else two: 2 x 4 accumulators fit AVX2's 16 registers, and MXFP4's 512-bit unpacking needs registers of its
@@ -676,7 +677,7 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
               "blocks [O, G, 16] and scales [O, G] must be contiguous uint8 tensors");
   const int64_t O = blocks.size(0), G = blocks.size(1);
   check_activations(x, G * QK, true);
-  const MXFP4PromptWeights w(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G);
+  const Rows16<MXFP4Weights> w(MXFP4Weights(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G));
   return run(w, x, O, bias);
 }
 
@@ -834,7 +835,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     w.block_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
     return run(w, x, O, bias);
   }
-  const Int8Weights w{weight.data_ptr<int8_t>(), row_scales(scales, O, "row scales [O]"), K};
+  const Rows16<Int8Weights> w(Int8Weights{weight.data_ptr<int8_t>(), row_scales(scales, O, "row scales [O]"), K});
   return run(w, x, O, bias);
 }
 
