@@ -497,15 +497,15 @@ inline int64_t rows16_ahead(int64_t row_bytes) { return std::max<int64_t>(16 * r
 // block b is columns 0-7; in kPair order (MXFP4) it is 0-3 (its even values) and 8-11 (its odd ones).
 inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4) * 8 + h * 4 + k % 4 : h * 8 + k; }
 
-// Weight rows o .. o + count - 1 (count <= 16; the other lanes are zero rows) times activation rows t0 .. t0 + T - 1,
-// into acc[i] lane r (without the rows' row scales). scales [G, 16]: the rows' block scales, lane by lane (if W has
-// block scales).
-template <int T, class W>
-inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t0,
-                   __m512 acc[]) {
+// Weight rows o .. o + count - 1 (count <= 16; the other lanes are zero rows) times activation rows 0 .. n - 1, into
+// acc [n, 16] (row t's lane r: weight row o + r, without its row scale). Each block pair's 16 x 64 codes are
+// transposed once for all n rows; the rows' sums wait in acc (in L1) between pairs. scales [G, 16]: the rows' block
+// scales, lane by lane (if W has block scales).
+template <class W>
+inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n, float* acc) {
   const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(w.row_bytes());
   const Layout layout = w.layout();
-  for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
+  std::fill(acc, acc + n * 16, 0.f);
   for (int64_t b = 0; b < G; b += 2) {
     __m512i v[16];
     for (int r = 0; r < 16; ++r) {
@@ -513,8 +513,8 @@ inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, co
       v[r] = r < count ? w.block2(o + r, b) : _mm512_set1_epi8(char(W::kOffset2));  // (a zero row's codes)
     }
     transpose16(v);
-    for (int i = 0; i < T; ++i) {
-      const int64_t t = t0 + i;
+    for (int64_t t = 0; t < n; ++t) {
+      __m512 sum_t = _mm512_loadu_ps(acc + t * 16);
       int32_t codes[16];  // the pair's 64 activation codes, 4 per int32
       std::memcpy(codes, x.q + t * K + b * QK, sizeof codes);
       for (int h = 0; h < 2; ++h) {  // blocks b and b + 1
@@ -525,8 +525,9 @@ inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, co
         }
         const __m512 d = _mm512_set1_ps(x.d[t * G + b + h]);
         const __m512 scale = W::kBlockScales ? _mm512_mul_ps(_mm512_loadu_ps(scales + (b + h) * 16), d) : d;
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i]);
+        sum_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, sum_t);
       }
+      _mm512_storeu_ps(acc + t * 16, sum_t);
     }
   }
 }
@@ -568,34 +569,29 @@ inline void single16(const W& w, int64_t o, int64_t count, const float* scales, 
   }
 }
 
-// Output columns begin .. end - 1 of y [n, O], 16 weight rows at a time: activation rows 8, 4, 2 at a time (tile16),
-// the last one alone (single16).
+// Output columns begin .. end - 1 of y [n, O], 16 weight rows at a time: tile16, or single16 for one activation row.
 template <class W>
 inline void row_range16(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
                         int64_t begin, int64_t end) {
   const int64_t G = x.K / QK;
   // The group's block scales, a lane per row, built once for all its activation rows (built per block pair inside the
   // tiles, each vector load would wait on the 16 scalar stores just before it).
-  std::vector<float> scales(W::kBlockScales ? G * 16 : 0);
+  std::vector<float> scales(W::kBlockScales ? G * 16 : 0), acc(n * 16);  // acc: see tile16
   for (int64_t o = begin; o < end; o += 16) {
     const int64_t count = std::min<int64_t>(16, end - o);
     if constexpr (W::kBlockScales)
       for (int r = 0; r < 16; ++r)
         for (int64_t b = 0; b < G; ++b) scales[b * 16 + r] = r < count ? w.block_scale(o + r, b) : 0.f;
-    __m512 acc[8];
-    int64_t t = 0;
-    auto store = [&](int T) {  // as `rows`: one rounding for the row scale and bias
-      for (int i = 0; i < T; ++i) {
-        alignas(64) float lanes[16];
-        _mm512_store_ps(lanes, acc[i]);
-        for (int r = 0; r < count; ++r)
-          y[(t + i) * O + o + r] = std::fma(lanes[r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
-      }
-    };
-    for (; t + 8 <= n; t += 8) tile16<8>(w, o, count, scales.data(), x, t, acc), store(8);
-    for (; t + 4 <= n; t += 4) tile16<4>(w, o, count, scales.data(), x, t, acc), store(4);
-    for (; t + 2 <= n; t += 2) tile16<2>(w, o, count, scales.data(), x, t, acc), store(2);
-    for (; t < n; ++t) single16(w, o, count, scales.data(), x, t, acc[0]), store(1);
+    if (n == 1) {
+      __m512 sum;
+      single16(w, o, count, scales.data(), x, 0, sum);
+      _mm512_storeu_ps(acc.data(), sum);
+    } else {
+      tile16(w, o, count, scales.data(), x, n, acc.data());
+    }
+    for (int64_t t = 0; t < n; ++t)  // as `rows`: one rounding for the row scale and bias
+      for (int r = 0; r < count; ++r)
+        y[t * O + o + r] = std::fma(acc[t * 16 + r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
   }
 }
 #endif
