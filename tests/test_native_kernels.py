@@ -280,6 +280,12 @@ def test_every_instruction_set_this_cpu_can_run_is_within_the_bound(isa, monkeyp
             exact = x.double() @ w.T
             got = module.int8_linear(x, qb, sb, None).double()
             assert ((got - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs()).all()
+        # The linear products' rows (a weight row per lane with AVX2 too): a batch's rows equal the rows alone.
+        x = torch.randn(7, 2880, generator=g)
+        for product in (lambda x: module.mxfp4_linear(x, blocks, scales, None),
+                        lambda x: module.int8_linear(x, q, s, None)):  # fmt: skip
+            batch = product(x)
+            assert all(torch.equal(product(x[t : t + 1]), batch[t : t + 1]) for t in range(7))
         for kind in ("mxfp4", "int8"):  # the fused experts too (what decoding runs)
             experts, dense = random_experts(kind, 64, 96, seed=3)
             x, indices, mix = (

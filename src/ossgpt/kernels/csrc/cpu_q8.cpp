@@ -20,7 +20,7 @@
 // (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads. The byte
 // instructions multiply unsigned bytes by signed ones: the weights come as unsigned codes w + c where they can
 // (`tile`, `tile2`, `tile16`), and the activations' sums times c are taken off once per block. The linear products of
-// int8 rows with row scales and of MXFP4 rows take their own AVX-512 path: 16 weight rows per register (`Rows16`).
+// int8 rows with row scales and of MXFP4 rows hold a weight row per int32 lane instead (`RowLanes`).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -146,7 +146,7 @@ struct MXFP4Weights {
   // The vector paths' codes are the values plus kOffset (kOffset2 for block2), unsigned: see `tile`.
   static constexpr uint8_t kOffset = 12, kOffset2 = 12;
   static constexpr bool kWideTilesOfFour = false;  // see row_range
-  static constexpr bool kBlockScales = true, kRows16 = false;  // kRows16: see Rows16
+  static constexpr bool kBlockScales = true, kRowLanes = false;  // kRowLanes: see RowLanes
   const float* scale_of = scale_table();  // exponent byte -> 2^(e - 127) / 2
 
   MXFP4Weights(const uint8_t* blocks_, const uint8_t* scales_, int64_t G_) : blocks(blocks_), scales(scales_), G(G_) {}
@@ -229,7 +229,7 @@ struct Int8Weights {
   // block: the signed values (kOffset 0: vpmaddubsw could saturate on w + 128); block2: w + 128 (see `tile2`).
   static constexpr uint8_t kOffset = 0, kOffset2 = 128;
   static constexpr bool kWideTilesOfFour = true;  // see row_range
-  static constexpr bool kBlockScales = false, kRows16 = false;  // block_scale is 1; kRows16: see Rows16
+  static constexpr bool kBlockScales = false, kRowLanes = false;  // block_scale is 1; kRowLanes: see RowLanes
   Layout layout() const { return kNatural; }
 
   float block_scale(int64_t, int64_t) const { return 1.f; }
@@ -274,14 +274,14 @@ struct Int8BlockWeights : Int8Weights {
 #endif
 };
 
-// W's rows, 16 per register on the 512-bit path (row_range16; int8 with row scales, or MXFP4): what the linear
-// products use (`int8_linear`: the LM head; `mxfp4_linear`: a long prompt's experts). From two activation rows on it
-// is the faster; for one row, the tiles are, in cache. The fused experts (decoding: an expert gets one token or a
+// W's rows, one per int32 lane: 16 per register with AVX-512, 8 with AVX2 (row_lanes; int8 with row scales, or
+// MXFP4): what the linear products use (`int8_linear`: the LM head; `mxfp4_linear`: a long prompt's experts). From
+// two activation rows on it is the faster; for one row, the tiles are, in cache. The fused experts (decoding: an expert gets one token or a
 // few) keep W and its tiles. Either way a row's result is the same bit for bit whatever the other rows are.
 template <class W>
-struct Rows16 : W {
-  explicit Rows16(const W& w) : W(w) {}
-  static constexpr bool kRows16 = true;
+struct RowLanes : W {
+  explicit RowLanes(const W& w) : W(w) {}
+  static constexpr bool kRowLanes = true;
 };
 
 // ----------------------------------------------------------------------------- the block dot products
@@ -446,6 +446,10 @@ inline void rows(const W& w, int64_t o, const Q8Rows& x, int64_t n, int64_t G, i
   }
 }
 
+// How far ahead the paths with a weight row per lane prefetch each row: into the rows of a group after this one (the
+// fixed distance of `prefetch` would fall inside this group when rows are long), and at least 16 KB.
+inline int64_t group_ahead(int64_t row_bytes) { return std::max<int64_t>(16 * row_bytes, 16384); }
+
 #if defined(OSSGPT_AVX512)
 // ------------------------------------------------------------------------------- 16 weight rows at a time
 // The tiles above give each (weight row, activation row) pair a vector of 16 partial sums, converted to float and
@@ -489,10 +493,6 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
-// How far ahead the 16-row paths prefetch each row: into the rows of the group after this one (the fixed distance of
-// `prefetch` would fall inside this group when rows are long), and at least 16 KB.
-inline int64_t rows16_ahead(int64_t row_bytes) { return std::max<int64_t>(16 * row_bytes, 16384); }
-
 // Which of a block pair's 16 int32 columns (4 codes each) hold the k-th 4 codes of block b + h: in kNatural order
 // block b is columns 0-7; in kPair order (MXFP4) it is 0-3 (its even values) and 8-11 (its odd ones).
 inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4) * 8 + h * 4 + k % 4 : h * 8 + k; }
@@ -503,7 +503,7 @@ inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4
 // scales, lane by lane (if W has block scales).
 template <class W>
 inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n, float* acc) {
-  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(w.row_bytes());
+  const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   const Layout layout = w.layout();
   std::fill(acc, acc + n * 16, 0.f);
   for (int64_t b = 0; b < G; b += 2) {
@@ -536,7 +536,7 @@ inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, co
 template <class W>
 inline void single16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
                      __m512& acc) {
-  const int64_t K = x.K, G = K / QK, ahead = rows16_ahead(w.row_bytes());
+  const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   // The 128-bit lanes (4 columns each) of block b and of block b + 1, as shuffle_i32x4 selects them from two vectors
   // (see `column`): kNatural 0, 1 and 2, 3; kPair 0, 2 and 1, 3.
   const bool pair = w.layout() == kPair;
@@ -571,7 +571,7 @@ inline void single16(const W& w, int64_t o, int64_t count, const float* scales, 
 
 // Output columns begin .. end - 1 of y [n, O], 16 weight rows at a time: tile16, or single16 for one activation row.
 template <class W>
-inline void row_range16(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
+inline void row_lanes(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
                         int64_t begin, int64_t end) {
   const int64_t G = x.K / QK;
   // The group's block scales, a lane per row, built once for all its activation rows (built per block pair inside the
@@ -594,21 +594,143 @@ inline void row_range16(const W& w, const Q8Rows& x, int64_t n, int64_t O, const
         y[t * O + o + r] = std::fma(acc[t * 16 + r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
   }
 }
+#elif defined(__AVX2__)
+// ------------------------------------------------------------------------------- 8 weight rows at a time
+// The 256-bit twin of the 16-row path above, for machines without AVX-512: a register holds 8 weight rows, one
+// int32 lane each, and a block (32 codes, 8 int32 columns) is transposed once for all the activation rows (tile8),
+// or, for one activation row, the 8 rows' partial sums are added across lanes in one tree (single8). Each block's sum
+// is exact either way. MXFP4's codes are unsigned (w + kOffset); int8 codes keep their sign (kOffset 0: w + 128 would
+// saturate vpmaddubsw), and each column product fixes signs as `dot_block` does.
+
+// v[r] lane j -> v[j] lane r, for 8 x 8 int32.
+inline void transpose8(__m256i v[8]) {
+  __m256i t[8];
+  for (int k = 0; k < 8; k += 2) {  // per 128-bit half, rows (r, r + 1) x 2 columns
+    t[k] = _mm256_unpacklo_epi32(v[k], v[k + 1]);
+    t[k + 1] = _mm256_unpackhi_epi32(v[k], v[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {  // then rows k .. k + 3 of one column per half: columns (m, m + 4)
+    v[k] = _mm256_unpacklo_epi64(t[k], t[k + 2]);
+    v[k + 1] = _mm256_unpackhi_epi64(t[k], t[k + 2]);
+    v[k + 2] = _mm256_unpacklo_epi64(t[k + 1], t[k + 3]);
+    v[k + 3] = _mm256_unpackhi_epi64(t[k + 1], t[k + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // then the halves: rows 0-3 and 4-7 of column m, of column m + 4
+    t[m] = _mm256_permute2x128_si256(v[m], v[m + 4], 0x20);
+    t[m + 4] = _mm256_permute2x128_si256(v[m], v[m + 4], 0x31);
+  }
+  for (int k = 0; k < 8; ++k) v[k] = t[k];
+}
+
+// acc plus one column of the block: 8 rows' 4 codes (col; |col| in col_abs, for signed codes) times 4 activation
+// codes q4 (broadcast), as int32 sums per row.
+template <class W>
+inline __m256i add_column(__m256i acc, __m256i col, __m256i col_abs, __m256i q4) {
+  if constexpr (W::kOffset > 0) return dot_unsigned(acc, col, q4);
+  return _mm256_add_epi32(acc, dot_block(col_abs, col, q4));
+}
+
+// Weight rows o .. o + count - 1 (count <= 8; the other lanes are zero rows) times activation rows 0 .. n - 1, into
+// acc [n, 8] (row t's lane r: weight row o + r, without its row scale). scales [G, 8]: the rows' block scales, lane
+// by lane (if W has block scales).
+template <class W>
+inline void tile8(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n, float* acc) {
+  const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
+  std::fill(acc, acc + n * 8, 0.f);
+  for (int64_t b = 0; b < G; ++b) {
+    __m256i v[8], v_abs[8];
+    for (int r = 0; r < 8; ++r) {
+      w.prefetch(o + r, b, ahead);  // (never faults, past the matrix too)
+      v[r] = r < count ? w.block(o + r, b) : _mm256_set1_epi8(char(W::kOffset));  // (a zero row's codes)
+    }
+    transpose8(v);
+    if constexpr (W::kOffset == 0)
+      for (int j = 0; j < 8; ++j) v_abs[j] = _mm256_sign_epi8(v[j], v[j]);
+    const __m256 block_scale = W::kBlockScales ? _mm256_loadu_ps(scales + b * 8) : _mm256_set1_ps(1.f);
+    for (int64_t t = 0; t < n; ++t) {
+      int32_t codes[8];  // the block's 32 activation codes, 4 per int32
+      std::memcpy(codes, x.q + t * K + b * QK, sizeof codes);
+      __m256i sum = _mm256_set1_epi32(-int32_t(W::kOffset) * x.sums[t * G + b]);
+      for (int j = 0; j < 8; ++j) sum = add_column<W>(sum, v[j], v_abs[j], _mm256_set1_epi32(codes[j]));
+      const __m256 d = _mm256_set1_ps(x.d[t * G + b]);
+      const __m256 scale = W::kBlockScales ? _mm256_mul_ps(block_scale, d) : d;
+      _mm256_storeu_ps(acc + t * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, _mm256_loadu_ps(acc + t * 8)));
+    }
+  }
+}
+
+// The same for one activation row t.
+template <class W>
+inline void single8(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
+                    __m256& acc) {
+  const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
+  acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + t * K + b * QK));
+    __m256i v[8];  // v[r]: row r's 8 partial sums
+    for (int r = 0; r < 8; ++r) {
+      w.prefetch(o + r, b, ahead);
+      if (r >= count) {
+        v[r] = _mm256_setzero_si256();
+      } else if constexpr (W::kOffset > 0) {
+        v[r] = dot_unsigned(_mm256_setzero_si256(), w.block(o + r, b), q);
+      } else {
+        const __m256i wb = w.block(o + r, b);
+        v[r] = dot_block(_mm256_sign_epi8(wb, wb), wb, q);
+      }
+    }
+    // Lanes added in pairs, then fours (per 128-bit half, one row each), then the halves.
+    const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),
+                                          _mm256_permute2x128_si256(h0, h1, 0x31));
+    const __m256i sum = _mm256_add_epi32(sums, _mm256_set1_epi32(-int32_t(W::kOffset) * x.sums[t * G + b]));
+    const __m256 d = _mm256_set1_ps(x.d[t * G + b]);
+    const __m256 scale = W::kBlockScales ? _mm256_mul_ps(_mm256_loadu_ps(scales + b * 8), d) : d;
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc);
+  }
+}
+
+// Output columns begin .. end - 1 of y [n, O], 8 weight rows at a time: tile8, or single8 for one activation row.
+template <class W>
+inline void row_lanes(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y, int64_t begin,
+                      int64_t end) {
+  const int64_t G = x.K / QK;
+  std::vector<float> scales(W::kBlockScales ? G * 8 : 0), acc(n * 8);  // as in AVX-512's row_lanes
+  for (int64_t o = begin; o < end; o += 8) {
+    const int64_t count = std::min<int64_t>(8, end - o);
+    if constexpr (W::kBlockScales)
+      for (int r = 0; r < 8; ++r)
+        for (int64_t b = 0; b < G; ++b) scales[b * 8 + r] = r < count ? w.block_scale(o + r, b) : 0.f;
+    if (n == 1) {
+      __m256 sum;
+      single8(w, o, count, scales.data(), x, 0, sum);
+      _mm256_storeu_ps(acc.data(), sum);
+    } else {
+      tile8(w, o, count, scales.data(), x, n, acc.data());
+    }
+    for (int64_t t = 0; t < n; ++t)  // as `rows`: one rounding for the row scale and bias
+      for (int r = 0; r < count; ++r)
+        y[t * O + o + r] = std::fma(acc[t * 8 + r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
+  }
+}
 #endif
 
-// Output columns begin .. end - 1 of y [n, O] (one thread's share). On the 512-bit path, Rows16 (int8 with row scales
-// or MXFP4, in the linear products): 16 rows at a time (row_range16). Else tiles of 4 or 2 weight rows. Four where a tile's accumulators leave room:
-// decoding (one to three activation rows: 4 accumulators, more independent chains), or int8 weights with block
-// scales on the 512-bit path (4 x 4 of AVX-512's 32 registers: each activation block is loaded once for 4 weight
-// rows). Else two: 2 x 4 accumulators fit AVX2's 16 registers, and MXFP4's 512-bit unpacking needs registers of its
-// own.
+// Output columns begin .. end - 1 of y [n, O] (one thread's share). RowLanes (int8 with row scales or MXFP4, in the
+// linear products): a weight row per lane (row_lanes; AVX-512's on the 512-bit path). Else tiles of 4 or 2 weight
+// rows. Four where a tile's accumulators leave room: decoding (one to three activation rows: 4 accumulators, more
+// independent chains), or int8 weights with block scales on the 512-bit path (4 x 4 of AVX-512's 32 registers: each
+// activation block is loaded once for 4 weight rows). Else two: 2 x 4 accumulators fit AVX2's 16 registers, and
+// MXFP4's 512-bit unpacking needs registers of its own.
 template <class W>
 void row_range(const W& w, const Q8Rows& x, int64_t n, int64_t G, int64_t O, const float* bias, float* y,
                int64_t begin, int64_t end) {
 #if defined(OSSGPT_AVX512)
-  if constexpr (W::kRows16) {
-    if (wide(G)) return row_range16(w, x, n, O, bias, y, begin, end);
+  if constexpr (W::kRowLanes) {
+    if (wide(G)) return row_lanes(w, x, n, O, bias, y, begin, end);
   }
+#elif defined(__AVX2__)
+  if constexpr (W::kRowLanes) return row_lanes(w, x, n, O, bias, y, begin, end);
 #endif
   int64_t o = begin;
   if (n < 4 || (wide(G) && W::kWideTilesOfFour)) {
@@ -672,7 +794,7 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
               "blocks [O, G, 16] and scales [O, G] must be contiguous uint8 tensors");
   const int64_t O = blocks.size(0), G = blocks.size(1);
   check_activations(x, G * QK, true);
-  const Rows16<MXFP4Weights> w(MXFP4Weights(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G));
+  const RowLanes<MXFP4Weights> w(MXFP4Weights(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), G));
   return run(w, x, O, bias);
 }
 
@@ -830,7 +952,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     w.block_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
     return run(w, x, O, bias);
   }
-  const Rows16<Int8Weights> w(Int8Weights{weight.data_ptr<int8_t>(), row_scales(scales, O, "row scales [O]"), K});
+  const RowLanes<Int8Weights> w(Int8Weights{weight.data_ptr<int8_t>(), row_scales(scales, O, "row scales [O]"), K});
   return run(w, x, O, bias);
 }
 
