@@ -19,7 +19,7 @@
 // AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
 // (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads. The byte
 // instructions multiply unsigned bytes by signed ones: the weights come as unsigned codes w + c where they can
-// (`tile`, `tile2`, `tile16`), and the activations' sums times c are taken off once per block. The linear products of
+// (`tile`, `tile2`, `tile_lanes`), and the activations' sums times c are taken off once per block. The linear products of
 // int8 rows with row scales and of MXFP4 rows hold a weight row per int32 lane instead (`RowLanes`).
 #include <torch/extension.h>
 
@@ -75,7 +75,7 @@ int64_t position(int64_t j, int64_t b, Layout layout) {  // where value j of blo
 
 // Rows of activations as the products read them: row t of K values x is stored as codes q [K] int8 (in a layout) and
 // steps d [K / 32] float, with q * d ~= x per block (d = max|block| / 127), and each block's sum of its codes, sums
-// [K / 32] (for weights stored as unsigned codes w + c: sum (w + c) q = sum w q + c sum q; see `tile16`).
+// [K / 32] (for weights stored as unsigned codes w + c: sum (w + c) q = sum w q + c sum q; see `tile_lanes`).
 struct Q8Rows {
   int8_t* q;      // [n, K]
   float* d;       // [n, K / 32]
@@ -459,14 +459,16 @@ inline int64_t group_ahead(int64_t row_bytes) { return std::max<int64_t>(16 * ro
 //
 // Two ways to get there, chosen by the number of activation rows; both give every row's block sums exactly, so a
 // row's result is the same bit for bit whatever the rows it is computed with:
-//   tile16 (2 activation rows or more): the 16 rows' next 64 codes (block2) are transposed (16 x 16 int32):
+//   tile_lanes (2 activation rows or more): the 16 rows' next 64 codes (block2) are transposed (16 x 16 int32):
 //     register j then holds codes 4j .. 4j + 3 of every row, and vpdpbusd multiplies it by those 4 activation
 //     codes broadcast.
-//   single16 (one activation row): each row's 64 codes times the activations, as in tile2, then the 16 vectors of
-//     partial sums are added across lanes and transposed in one tree (46 instructions where tile16 pays 64 for the
+//   single_lanes (one activation row): each row's 64 codes times the activations, as in tile2, then the 16 vectors of
+//     partial sums are added across lanes and transposed in one tree (46 instructions where tile_lanes pays 64 for the
 //     transpose alone).
 // The codes are unsigned, w + kOffset2, so each block's sum is offset by kOffset2 times the activations' sum of
 // codes (Q8Rows::sums): it starts from minus that.
+
+constexpr int kLanes = 16;  // weight rows per register (row_lanes)
 
 // v[r] lane j -> v[j] lane r, for 16 x 16 int32.
 inline void transpose16(__m512i v[16]) {
@@ -502,7 +504,8 @@ inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4
 // transposed once for all n rows; the rows' sums wait in acc (in L1) between pairs. scales [G, 16]: the rows' block
 // scales, lane by lane (if W has block scales).
 template <class W>
-inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n, float* acc) {
+inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n,
+                       float* acc) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   const Layout layout = w.layout();
   std::fill(acc, acc + n * 16, 0.f);
@@ -532,15 +535,15 @@ inline void tile16(const W& w, int64_t o, int64_t count, const float* scales, co
   }
 }
 
-// The same for one activation row t.
+// The same for one activation row t, into out [16].
 template <class W>
-inline void single16(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
-                     __m512& acc) {
+inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
+                         float* out) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   // The 128-bit lanes (4 columns each) of block b and of block b + 1, as shuffle_i32x4 selects them from two vectors
   // (see `column`): kNatural 0, 1 and 2, 3; kPair 0, 2 and 1, 3.
   const bool pair = w.layout() == kPair;
-  acc = _mm512_setzero_ps();
+  __m512 acc = _mm512_setzero_ps();
   for (int64_t b = 0; b < G; b += 2) {
     const __m512i q = _mm512_loadu_si512(x.q + t * K + b * QK);
     __m512i v[16];  // v[r]: row r's 16 partial sums
@@ -567,40 +570,18 @@ inline void single16(const W& w, int64_t o, int64_t count, const float* scales, 
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
     }
   }
+  _mm512_storeu_ps(out, acc);
 }
 
-// Output columns begin .. end - 1 of y [n, O], 16 weight rows at a time: tile16, or single16 for one activation row.
-template <class W>
-inline void row_lanes(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y,
-                        int64_t begin, int64_t end) {
-  const int64_t G = x.K / QK;
-  // The group's block scales, a lane per row, built once for all its activation rows (built per block pair inside the
-  // tiles, each vector load would wait on the 16 scalar stores just before it).
-  std::vector<float> scales(W::kBlockScales ? G * 16 : 0), acc(n * 16);  // acc: see tile16
-  for (int64_t o = begin; o < end; o += 16) {
-    const int64_t count = std::min<int64_t>(16, end - o);
-    if constexpr (W::kBlockScales)
-      for (int r = 0; r < 16; ++r)
-        for (int64_t b = 0; b < G; ++b) scales[b * 16 + r] = r < count ? w.block_scale(o + r, b) : 0.f;
-    if (n == 1) {
-      __m512 sum;
-      single16(w, o, count, scales.data(), x, 0, sum);
-      _mm512_storeu_ps(acc.data(), sum);
-    } else {
-      tile16(w, o, count, scales.data(), x, n, acc.data());
-    }
-    for (int64_t t = 0; t < n; ++t)  // as `rows`: one rounding for the row scale and bias
-      for (int r = 0; r < count; ++r)
-        y[t * O + o + r] = std::fma(acc[t * 16 + r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
-  }
-}
 #elif defined(__AVX2__)
 // ------------------------------------------------------------------------------- 8 weight rows at a time
 // The 256-bit twin of the 16-row path above, for machines without AVX-512: a register holds 8 weight rows, one
-// int32 lane each, and a block (32 codes, 8 int32 columns) is transposed once for all the activation rows (tile8),
-// or, for one activation row, the 8 rows' partial sums are added across lanes in one tree (single8). Each block's sum
+// int32 lane each, and a block (32 codes, 8 int32 columns) is transposed once for all the activation rows (tile_lanes),
+// or, for one activation row, the 8 rows' partial sums are added across lanes in one tree (single_lanes). Each block's sum
 // is exact either way. MXFP4's codes are unsigned (w + kOffset); int8 codes keep their sign (kOffset 0: w + 128 would
 // saturate vpmaddubsw), and each column product fixes signs as `dot_block` does.
+
+constexpr int kLanes = 8;  // weight rows per register (row_lanes)
 
 // v[r] lane j -> v[j] lane r, for 8 x 8 int32.
 inline void transpose8(__m256i v[8]) {
@@ -634,7 +615,8 @@ inline __m256i add_column(__m256i acc, __m256i col, __m256i col_abs, __m256i q4)
 // acc [n, 8] (row t's lane r: weight row o + r, without its row scale). scales [G, 8]: the rows' block scales, lane
 // by lane (if W has block scales).
 template <class W>
-inline void tile8(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n, float* acc) {
+inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n,
+                       float* acc) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   std::fill(acc, acc + n * 8, 0.f);
   for (int64_t b = 0; b < G; ++b) {
@@ -659,12 +641,12 @@ inline void tile8(const W& w, int64_t o, int64_t count, const float* scales, con
   }
 }
 
-// The same for one activation row t.
+// The same for one activation row t, into out [8].
 template <class W>
-inline void single8(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
-                    __m256& acc) {
+inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
+                         float* out) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
-  acc = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < G; ++b) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + t * K + b * QK));
     __m256i v[8];  // v[r]: row r's 8 partial sums
@@ -689,29 +671,33 @@ inline void single8(const W& w, int64_t o, int64_t count, const float* scales, c
     const __m256 scale = W::kBlockScales ? _mm256_mul_ps(_mm256_loadu_ps(scales + b * 8), d) : d;
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc);
   }
+  _mm256_storeu_ps(out, acc);
 }
+#endif
 
-// Output columns begin .. end - 1 of y [n, O], 8 weight rows at a time: tile8, or single8 for one activation row.
+#if defined(__AVX2__)
+// Output columns begin .. end - 1 of y [n, O], kLanes weight rows at a time: tile_lanes, or single_lanes for one
+// activation row.
 template <class W>
 inline void row_lanes(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* bias, float* y, int64_t begin,
                       int64_t end) {
   const int64_t G = x.K / QK;
-  std::vector<float> scales(W::kBlockScales ? G * 8 : 0), acc(n * 8);  // as in AVX-512's row_lanes
-  for (int64_t o = begin; o < end; o += 8) {
-    const int64_t count = std::min<int64_t>(8, end - o);
+  // The group's block scales, a lane per row, built once for all its activation rows (built per block inside the
+  // tiles, each vector load would wait on the scalar stores just before it). acc: see tile_lanes.
+  std::vector<float> scales(W::kBlockScales ? G * kLanes : 0), acc(n * kLanes);
+  for (int64_t o = begin; o < end; o += kLanes) {
+    const int64_t count = std::min<int64_t>(kLanes, end - o);
     if constexpr (W::kBlockScales)
-      for (int r = 0; r < 8; ++r)
-        for (int64_t b = 0; b < G; ++b) scales[b * 8 + r] = r < count ? w.block_scale(o + r, b) : 0.f;
+      for (int r = 0; r < kLanes; ++r)
+        for (int64_t b = 0; b < G; ++b) scales[b * kLanes + r] = r < count ? w.block_scale(o + r, b) : 0.f;
     if (n == 1) {
-      __m256 sum;
-      single8(w, o, count, scales.data(), x, 0, sum);
-      _mm256_storeu_ps(acc.data(), sum);
+      single_lanes(w, o, count, scales.data(), x, 0, acc.data());
     } else {
-      tile8(w, o, count, scales.data(), x, n, acc.data());
+      tile_lanes(w, o, count, scales.data(), x, n, acc.data());
     }
     for (int64_t t = 0; t < n; ++t)  // as `rows`: one rounding for the row scale and bias
       for (int r = 0; r < count; ++r)
-        y[t * O + o + r] = std::fma(acc[t * 8 + r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
+        y[t * O + o + r] = std::fma(acc[t * kLanes + r], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
   }
 }
 #endif
