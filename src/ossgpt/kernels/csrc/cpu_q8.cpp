@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -319,7 +320,8 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One tile of the output: weight rows o .. o + R - 1 times activation rows t0 .. t0 + T - 1, into sums[r * T + i].
+// One tile of the output: weight rows o, o + stride, .., o + (R - 1) * stride times activation rows t0 .. t0 + T - 1,
+// into sums[r * T + i].
 // Each weight block is decoded once for the T activation rows, each activation block loaded once for the R weight
 // rows, and the R * T accumulators are independent chains (one chain would wait on each multiply-add's latency).
 // Weights whose codes come unsigned (W::kOffset > 0, u = w + kOffset) need no sign fix per weight row:
@@ -327,7 +329,7 @@ inline float horizontal_sum(__m256 v) {
 // so each activation block's lanes start from -kOffset * (their sum of q), once per activation row for the R weight
 // rows. Either way the integer sums are the signed ones exactly.
 template <int R, int T, class W>
-inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
+inline void tile(const W& w, int64_t o, int64_t stride, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < T; ++i) acc[r][i] = _mm256_setzero_ps();
@@ -337,10 +339,10 @@ inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, 
     __m256i wb[R], w_abs[R];
     float s[R];
     for (int r = 0; r < R; ++r) {
-      w.prefetch(o + r, b);
-      wb[r] = w.block(o + r, b);
+      w.prefetch(o + r * stride, b);
+      wb[r] = w.block(o + r * stride, b);
       if constexpr (W::kOffset == 0) w_abs[r] = _mm256_sign_epi8(wb[r], wb[r]);
-      s[r] = w.block_scale(o + r, b);
+      s[r] = w.block_scale(o + r * stride, b);
     }
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
@@ -364,7 +366,7 @@ inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, 
 // so each activation pair's lanes start from -kOffset2 * (their sum of q), once per activation row for the tile's R
 // weight rows. The integer sums are the signed ones exactly; no sign fix per weight row.
 template <int R, int T, class W>
-inline void tile2(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
+inline void tile2(const W& w, int64_t o, int64_t stride, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < T; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -376,9 +378,9 @@ inline void tile2(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G,
     __m512i wu[R];
     __m512 w_scale[R];
     for (int r = 0; r < R; ++r) {
-      w.prefetch(o + r, b);
-      wu[r] = w.block2(o + r, b);
-      w_scale[r] = w.block_scales2(o + r, b);
+      w.prefetch(o + r * stride, b);
+      wu[r] = w.block2(o + r * stride, b);
+      w_scale[r] = w.block_scales2(o + r * stride, b);
     }
     for (int i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
@@ -399,14 +401,14 @@ inline void tile2(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G,
 #endif
 #else
 template <int R, int T, class W>
-inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
+inline void tile(const W& w, int64_t o, int64_t stride, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
   int8_t wb[QK];
   const int64_t K = G * QK;
   for (int j = 0; j < R * T; ++j) sums[j] = 0.f;
   for (int r = 0; r < R; ++r) {
     for (int64_t b = 0; b < G; ++b) {
-      w.block_scalar(o + r, b, wb);
-      const float s = w.block_scale(o + r, b);
+      w.block_scalar(o + r * stride, b, wb);
+      const float s = w.block_scale(o + r * stride, b);
       for (int i = 0; i < T; ++i) {
         const int8_t* qb = x.q + (t0 + i) * K + b * QK;
         int32_t dot = 0;
@@ -420,28 +422,30 @@ inline void tile(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, 
 
 #if !defined(OSSGPT_AVX512)
 template <int R, int T, class W>
-inline void tile2(const W& w, int64_t o, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
-  tile<R, T>(w, o, x, t0, G, sums);  // no 512-bit registers: never called (`wide` is false)
+inline void tile2(const W& w, int64_t o, int64_t stride, const Q8Rows& x, int64_t t0, int64_t G, float* sums) {
+  tile<R, T>(w, o, stride, x, t0, G, sums);  // no 512-bit registers: never called (`wide` is false)
 }
 #endif
 
-// Weight rows o .. o + R - 1 times all n activation rows: tiles of 4 activation rows, then one at a time.
+// Weight rows o, o + stride, .., o + (R - 1) * stride times all n activation rows: tiles of 4 activation rows, then
+// one at a time.
 template <int R, class W>
-inline void rows(const W& w, int64_t o, const Q8Rows& x, int64_t n, int64_t G, int64_t O, const float* bias,
-                 float* y) {
+inline void rows(const W& w, int64_t o, int64_t stride, const Q8Rows& x, int64_t n, int64_t G, int64_t O,
+                 const float* bias, float* y) {
   float sums[R * 4];
   int64_t t = 0;
   auto store = [&](int T) {  // one rounding (fma), whatever the compiler would contract: tiles of any shape agree
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < T; ++i)
-        y[(t + i) * O + o + r] = std::fma(sums[r * T + i], w.row_scale(o + r), bias ? bias[o + r] : 0.f);
+        y[(t + i) * O + o + r * stride] =
+            std::fma(sums[r * T + i], w.row_scale(o + r * stride), bias ? bias[o + r * stride] : 0.f);
   };
   for (; t + 4 <= n; t += 4) {
-    wide(G) ? tile2<R, 4>(w, o, x, t, G, sums) : tile<R, 4>(w, o, x, t, G, sums);
+    wide(G) ? tile2<R, 4>(w, o, stride, x, t, G, sums) : tile<R, 4>(w, o, stride, x, t, G, sums);
     store(4);
   }
   for (; t < n; ++t) {
-    wide(G) ? tile2<R, 1>(w, o, x, t, G, sums) : tile<R, 1>(w, o, x, t, G, sums);
+    wide(G) ? tile2<R, 1>(w, o, stride, x, t, G, sums) : tile<R, 1>(w, o, stride, x, t, G, sums);
     store(1);
   }
 }
@@ -718,12 +722,18 @@ void row_range(const W& w, const Q8Rows& x, int64_t n, int64_t G, int64_t O, con
 #elif defined(__AVX2__)
   if constexpr (W::kRowLanes) return row_lanes(w, x, n, O, bias, y, begin, end);
 #endif
+  // Tiles of R rows over rows o .. end - 1, a tile's rows taken from the R equal parts of them: memory feeds a core
+  // faster from several places at once than from one sequential stream (BENCHMARKS.md), and a row's result does not
+  // depend on the rows beside it. Fewer than R rows are left.
   int64_t o = begin;
-  if (n < 4 || (wide(G) && W::kWideTilesOfFour)) {
-    for (; o + 4 <= end; o += 4) rows<4>(w, o, x, n, G, O, bias, y);
-  }
-  for (; o + 2 <= end; o += 2) rows<2>(w, o, x, n, G, O, bias, y);
-  for (; o < end; ++o) rows<1>(w, o, x, n, G, O, bias, y);
+  auto tiles = [&](auto R) {
+    const int64_t part = (end - o) / R;
+    for (int64_t i = 0; i < part; ++i) rows<R>(w, o + i, part, x, n, G, O, bias, y);
+    o += R * part;
+  };
+  if (n < 4 || (wide(G) && W::kWideTilesOfFour)) tiles(std::integral_constant<int, 4>{});
+  tiles(std::integral_constant<int, 2>{});
+  if (o < end) rows<1>(w, o, 1, x, n, G, O, bias, y);
 }
 
 // y [n, O] = x [n, K] (quantized) times the weights' rows, plus bias [O] (or none).
