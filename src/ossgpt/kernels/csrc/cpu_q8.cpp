@@ -499,6 +499,10 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
+// 4 bytes from memory in every int32 lane. (A load that broadcasts: a value first copied to a general register would
+// cost a shuffle per broadcast, on the port the column products also need.)
+inline __m512i broadcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
+
 // Which of a block pair's 16 int32 columns (4 codes each) hold the k-th 4 codes of block b + h: in kNatural order
 // block b is columns 0-7; in kPair order (MXFP4) it is 0-3 (its even values) and 8-11 (its odd ones).
 inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4) * 8 + h * 4 + k % 4 : h * 8 + k; }
@@ -522,13 +526,12 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
     transpose16(v);
     for (int64_t t = 0; t < n; ++t) {
       __m512 sum_t = _mm512_loadu_ps(acc + t * 16);
-      int32_t codes[16];  // the pair's 64 activation codes, 4 per int32
-      std::memcpy(codes, x.q + t * K + b * QK, sizeof codes);
+      const int8_t* codes = x.q + t * K + b * QK;  // the pair's 64 activation codes
       for (int h = 0; h < 2; ++h) {  // blocks b and b + 1
         __m512i sum = _mm512_set1_epi32(-int32_t(W::kOffset2) * x.sums[t * G + b + h]);
         for (int k = 0; k < 8; ++k) {
           const int j = column(layout, h, k);
-          sum = _mm512_dpbusd_epi32(sum, v[j], _mm512_set1_epi32(codes[j]));
+          sum = _mm512_dpbusd_epi32(sum, v[j], broadcast4(codes + 4 * j));
         }
         const __m512 d = _mm512_set1_ps(x.d[t * G + b + h]);
         const __m512 scale = W::kBlockScales ? _mm512_mul_ps(_mm512_loadu_ps(scales + (b + h) * 16), d) : d;
@@ -607,6 +610,9 @@ inline void transpose8(__m256i v[8]) {
   for (int k = 0; k < 8; ++k) v[k] = t[k];
 }
 
+// 4 bytes from memory in every int32 lane (see the 512-bit broadcast4).
+inline __m256i broadcast4(const int8_t* p) { return _mm256_broadcastd_epi32(_mm_loadu_si32(p)); }
+
 // acc plus one column of the block: 8 rows' 4 codes (col; |col| in col_abs, for signed codes) times 4 activation
 // codes q4 (broadcast), as int32 sums per row.
 template <class W>
@@ -634,10 +640,9 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
       for (int j = 0; j < 8; ++j) v_abs[j] = _mm256_sign_epi8(v[j], v[j]);
     const __m256 block_scale = W::kBlockScales ? _mm256_loadu_ps(scales + b * 8) : _mm256_set1_ps(1.f);
     for (int64_t t = 0; t < n; ++t) {
-      int32_t codes[8];  // the block's 32 activation codes, 4 per int32
-      std::memcpy(codes, x.q + t * K + b * QK, sizeof codes);
+      const int8_t* codes = x.q + t * K + b * QK;  // the block's 32 activation codes
       __m256i sum = _mm256_set1_epi32(-int32_t(W::kOffset) * x.sums[t * G + b]);
-      for (int j = 0; j < 8; ++j) sum = add_column<W>(sum, v[j], v_abs[j], _mm256_set1_epi32(codes[j]));
+      for (int j = 0; j < 8; ++j) sum = add_column<W>(sum, v[j], v_abs[j], broadcast4(codes + 4 * j));
       const __m256 d = _mm256_set1_ps(x.d[t * G + b]);
       const __m256 scale = W::kBlockScales ? _mm256_mul_ps(block_scale, d) : d;
       _mm256_storeu_ps(acc + t * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, _mm256_loadu_ps(acc + t * 8)));
