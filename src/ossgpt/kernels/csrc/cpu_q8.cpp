@@ -470,9 +470,11 @@ inline int64_t group_ahead(int64_t row_bytes) { return std::max<int64_t>(16 * ro
 //     partial sums are added across lanes and transposed in one tree (46 instructions where tile_lanes pays 64 for the
 //     transpose alone).
 // The codes are unsigned, w + kOffset2, so each block's sum is offset by kOffset2 times the activations' sum of
-// codes (Q8Rows::sums): it starts from minus that.
+// codes (Q8Rows::sums): it starts from minus that, starts [n, G] (row_lanes).
 
 constexpr int kLanes = 16;  // weight rows per register (row_lanes)
+template <class W>
+constexpr int32_t kLaneOffset = W::kOffset2;  // what the lanes' weight codes are offset by (block2)
 
 // v[r] lane j -> v[j] lane r, for 16 x 16 int32.
 inline void transpose16(__m512i v[16]) {
@@ -510,10 +512,10 @@ inline int column(Layout layout, int h, int k) { return layout == kPair ? (k / 4
 // Weight rows o .. o + count - 1 (count <= 16; the other lanes are zero rows) times activation rows 0 .. n - 1, into
 // acc [n, 16] (row t's lane r: weight row o + r, without its row scale). Each block pair's 16 x 64 codes are
 // transposed once for all n rows; the rows' sums wait in acc (in L1) between pairs. scales [G, 16]: the rows' block
-// scales, lane by lane (if W has block scales).
+// scales, lane by lane (if W has block scales); starts [n, G]: each block's starting sum (above).
 template <class W>
 inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n,
-                       float* acc) {
+                       const int32_t* starts, float* acc) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   const Layout layout = w.layout();
   std::fill(acc, acc + n * 16, 0.f);
@@ -528,7 +530,7 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
       __m512 sum_t = _mm512_loadu_ps(acc + t * 16);
       const int8_t* codes = x.q + t * K + b * QK;  // the pair's 64 activation codes
       for (int h = 0; h < 2; ++h) {  // blocks b and b + 1
-        __m512i sum = _mm512_set1_epi32(-int32_t(W::kOffset2) * x.sums[t * G + b + h]);
+        __m512i sum = _mm512_set1_epi32(starts[t * G + b + h]);
         for (int k = 0; k < 8; ++k) {
           const int j = column(layout, h, k);
           sum = _mm512_dpbusd_epi32(sum, v[j], broadcast4(codes + 4 * j));
@@ -545,7 +547,7 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
 // The same for one activation row t, into out [16].
 template <class W>
 inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
-                         float* out) {
+                         const int32_t* starts, float* out) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   // The 128-bit lanes (4 columns each) of block b and of block b + 1, as shuffle_i32x4 selects them from two vectors
   // (see `column`): kNatural 0, 1 and 2, 3; kPair 0, 2 and 1, 3.
@@ -571,7 +573,7 @@ inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scal
                                      _mm512_shuffle_i32x4(u[2 * k], u[2 * k + 1], 0xDD));
     const __m512i sums[2] = {_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD)};
     for (int h = 0; h < 2; ++h) {
-      const __m512i sum = _mm512_add_epi32(sums[h], _mm512_set1_epi32(-int32_t(W::kOffset2) * x.sums[t * G + b + h]));
+      const __m512i sum = _mm512_add_epi32(sums[h], _mm512_set1_epi32(starts[t * G + b + h]));
       const __m512 d = _mm512_set1_ps(x.d[t * G + b + h]);
       const __m512 scale = W::kBlockScales ? _mm512_mul_ps(_mm512_loadu_ps(scales + (b + h) * 16), d) : d;
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
@@ -589,6 +591,8 @@ inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scal
 // saturate vpmaddubsw), and each column product fixes signs as `dot_block` does.
 
 constexpr int kLanes = 8;  // weight rows per register (row_lanes)
+template <class W>
+constexpr int32_t kLaneOffset = W::kOffset;  // what the lanes' weight codes are offset by (block)
 
 // v[r] lane j -> v[j] lane r, for 8 x 8 int32.
 inline void transpose8(__m256i v[8]) {
@@ -623,10 +627,11 @@ inline __m256i add_column(__m256i acc, __m256i col, __m256i col_abs, __m256i q4)
 
 // Weight rows o .. o + count - 1 (count <= 8; the other lanes are zero rows) times activation rows 0 .. n - 1, into
 // acc [n, 8] (row t's lane r: weight row o + r, without its row scale). scales [G, 8]: the rows' block scales, lane
-// by lane (if W has block scales).
+// by lane (if W has block scales); starts [n, G]: each block's starting sum, minus kOffset times the activations' sum
+// of codes (0 for signed codes).
 template <class W>
 inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t n,
-                       float* acc) {
+                       const int32_t* starts, float* acc) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   std::fill(acc, acc + n * 8, 0.f);
   for (int64_t b = 0; b < G; ++b) {
@@ -641,7 +646,7 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
     const __m256 block_scale = W::kBlockScales ? _mm256_loadu_ps(scales + b * 8) : _mm256_set1_ps(1.f);
     for (int64_t t = 0; t < n; ++t) {
       const int8_t* codes = x.q + t * K + b * QK;  // the block's 32 activation codes
-      __m256i sum = _mm256_set1_epi32(-int32_t(W::kOffset) * x.sums[t * G + b]);
+      __m256i sum = _mm256_set1_epi32(starts[t * G + b]);
       for (int j = 0; j < 8; ++j) sum = add_column<W>(sum, v[j], v_abs[j], broadcast4(codes + 4 * j));
       const __m256 d = _mm256_set1_ps(x.d[t * G + b]);
       const __m256 scale = W::kBlockScales ? _mm256_mul_ps(block_scale, d) : d;
@@ -653,7 +658,7 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
 // The same for one activation row t, into out [8].
 template <class W>
 inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scales, const Q8Rows& x, int64_t t,
-                         float* out) {
+                         const int32_t* starts, float* out) {
   const int64_t K = x.K, G = K / QK, ahead = group_ahead(w.row_bytes());
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < G; ++b) {
@@ -675,7 +680,7 @@ inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scal
     const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
     const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),
                                           _mm256_permute2x128_si256(h0, h1, 0x31));
-    const __m256i sum = _mm256_add_epi32(sums, _mm256_set1_epi32(-int32_t(W::kOffset) * x.sums[t * G + b]));
+    const __m256i sum = _mm256_add_epi32(sums, _mm256_set1_epi32(starts[t * G + b]));
     const __m256 d = _mm256_set1_ps(x.d[t * G + b]);
     const __m256 scale = W::kBlockScales ? _mm256_mul_ps(_mm256_loadu_ps(scales + b * 8), d) : d;
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc);
@@ -694,15 +699,20 @@ inline void row_lanes(const W& w, const Q8Rows& x, int64_t n, int64_t O, const f
   // The group's block scales, a lane per row, built once for all its activation rows (built per block inside the
   // tiles, each vector load would wait on the scalar stores just before it). acc: see tile_lanes.
   std::vector<float> scales(W::kBlockScales ? G * kLanes : 0), acc(n * kLanes);
+  // Each block's starting sum, minus the codes' offset times the activations' sum of codes (see tile_lanes), once for
+  // all the groups: loaded per block as it is, where computed in place it would cost a broadcast from a general
+  // register, on the port the column products need.
+  std::vector<int32_t> starts(n * G);
+  for (int64_t i = 0; i < n * G; ++i) starts[i] = -kLaneOffset<W> * x.sums[i];
   for (int64_t o = begin; o < end; o += kLanes) {
     const int64_t count = std::min<int64_t>(kLanes, end - o);
     if constexpr (W::kBlockScales)
       for (int r = 0; r < kLanes; ++r)
         for (int64_t b = 0; b < G; ++b) scales[b * kLanes + r] = r < count ? w.block_scale(o + r, b) : 0.f;
     if (n == 1) {
-      single_lanes(w, o, count, scales.data(), x, 0, acc.data());
+      single_lanes(w, o, count, scales.data(), x, 0, starts.data(), acc.data());
     } else {
-      tile_lanes(w, o, count, scales.data(), x, n, acc.data());
+      tile_lanes(w, o, count, scales.data(), x, n, starts.data(), acc.data());
     }
     for (int64_t t = 0; t < n; ++t)  // as `rows`: one rounding for the row scale and bias
       for (int r = 0; r < count; ++r)
