@@ -617,12 +617,32 @@ inline void transpose8(__m256i v[8]) {
 // 4 bytes from memory in every int32 lane (see the 512-bit broadcast4).
 inline __m256i broadcast4(const int8_t* p) { return _mm256_broadcastd_epi32(_mm_loadu_si32(p)); }
 
-// acc plus one column of the block: 8 rows' 4 codes (col; |col| in col_abs, for signed codes) times 4 activation
-// codes q4 (broadcast), as int32 sums per row.
+// acc plus a transposed block's 8 columns (v[j]: codes 4j .. 4j + 3 of each of the 8 rows; |v[j]| in v_abs[j], for
+// signed codes) times the block's 32 activation codes q, 4 at a time broadcast, as int32 sums per row.
 template <class W>
-inline __m256i add_column(__m256i acc, __m256i col, __m256i col_abs, __m256i q4) {
-  if constexpr (W::kOffset > 0) return dot_unsigned(acc, col, q4);
-  return _mm256_add_epi32(acc, dot_block(col_abs, col, q4));
+inline __m256i add_columns(__m256i acc, const __m256i v[8], const __m256i v_abs[8], const int8_t* q) {
+#if !defined(__AVXVNNI__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+  if constexpr (W::kOffset > 0) {
+    // Without VNNI, unsigned codes (at most 2 kOffset) keep vpmaddubsw's pairwise sums small enough for 4 columns' to
+    // add up in int16 before one vpmaddwd widens them: a quarter of the widenings and int32 adds.
+    static_assert(4 * 2 * (2 * W::kOffset) * 127 < 32768, "4 columns' pairwise sums must fit int16");
+    for (int j = 0; j < 8; j += 4) {
+      __m256i pairs = _mm256_maddubs_epi16(v[j], broadcast4(q + 4 * j));
+      for (int k = 1; k < 4; ++k)
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v[j + k], broadcast4(q + 4 * (j + k))));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    }
+    return acc;
+  }
+#endif
+  for (int j = 0; j < 8; ++j) {
+    if constexpr (W::kOffset > 0) {
+      acc = dot_unsigned(acc, v[j], broadcast4(q + 4 * j));
+    } else {
+      acc = _mm256_add_epi32(acc, dot_block(v_abs[j], v[j], broadcast4(q + 4 * j)));
+    }
+  }
+  return acc;
 }
 
 // Weight rows o .. o + count - 1 (count <= 8; the other lanes are zero rows) times activation rows 0 .. n - 1, into
@@ -645,9 +665,7 @@ inline void tile_lanes(const W& w, int64_t o, int64_t count, const float* scales
       for (int j = 0; j < 8; ++j) v_abs[j] = _mm256_sign_epi8(v[j], v[j]);
     const __m256 block_scale = W::kBlockScales ? _mm256_loadu_ps(scales + b * 8) : _mm256_set1_ps(1.f);
     for (int64_t t = 0; t < n; ++t) {
-      const int8_t* codes = x.q + t * K + b * QK;  // the block's 32 activation codes
-      __m256i sum = _mm256_set1_epi32(starts[t * G + b]);
-      for (int j = 0; j < 8; ++j) sum = add_column<W>(sum, v[j], v_abs[j], broadcast4(codes + 4 * j));
+      const __m256i sum = add_columns<W>(_mm256_set1_epi32(starts[t * G + b]), v, v_abs, x.q + t * K + b * QK);
       const __m256 d = _mm256_set1_ps(x.d[t * G + b]);
       const __m256 scale = W::kBlockScales ? _mm256_mul_ps(block_scale, d) : d;
       _mm256_storeu_ps(acc + t * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, _mm256_loadu_ps(acc + t * 8)));
