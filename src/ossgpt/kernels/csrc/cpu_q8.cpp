@@ -19,8 +19,8 @@
 // AVX-512 VNNI or AVX-VNNI (vpdpbusd: 32 byte products summed into int32 in one instruction), else AVX2
 // (vpmaddubsw + vpmaddwd), else plain C++. Products are split over output rows on torch's intra-op threads. The byte
 // instructions multiply unsigned bytes by signed ones: the weights come as unsigned codes w + c where they can
-// (`tile`, `tile2`, `tile_lanes`), and the activations' sums times c are taken off once per block. The linear products of
-// int8 rows with row scales and of MXFP4 rows hold a weight row per int32 lane instead (`RowLanes`).
+// (`tile`, `tile2`, `tile_lanes`), and the activations' sums times c are taken off once per block. The linear
+// products of int8 rows with row scales and of MXFP4 rows hold a weight row per int32 lane instead (`RowLanes`).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -277,8 +277,9 @@ struct Int8BlockWeights : Int8Weights {
 
 // W's rows, one per int32 lane: 16 per register with AVX-512, 8 with AVX2 (row_lanes; int8 with row scales, or
 // MXFP4): what the linear products use (`int8_linear`: the LM head; `mxfp4_linear`: a long prompt's experts). From
-// two activation rows on it is the faster; for one row, the tiles are, in cache. The fused experts (decoding: an expert gets one token or a
-// few) keep W and its tiles. Either way a row's result is the same bit for bit whatever the other rows are.
+// two activation rows on it is the faster; for one row, the tiles are, in cache. The fused experts (decoding: an
+// expert gets one token or a few) keep W and its tiles. Either way a row's result is the same bit for bit whatever
+// the other rows are.
 template <class W>
 struct RowLanes : W {
   explicit RowLanes(const W& w) : W(w) {}
@@ -585,10 +586,10 @@ inline void single_lanes(const W& w, int64_t o, int64_t count, const float* scal
 #elif defined(__AVX2__)
 // ------------------------------------------------------------------------------- 8 weight rows at a time
 // The 256-bit twin of the 16-row path above, for machines without AVX-512: a register holds 8 weight rows, one
-// int32 lane each, and a block (32 codes, 8 int32 columns) is transposed once for all the activation rows (tile_lanes),
-// or, for one activation row, the 8 rows' partial sums are added across lanes in one tree (single_lanes). Each block's sum
-// is exact either way. MXFP4's codes are unsigned (w + kOffset); int8 codes keep their sign (kOffset 0: w + 128 would
-// saturate vpmaddubsw), and each column product fixes signs as `dot_block` does.
+// int32 lane each, and a block (32 codes, 8 int32 columns) is transposed once for all the activation rows
+// (tile_lanes), or, for one activation row, the 8 rows' partial sums are added across lanes in one tree
+// (single_lanes). Each block's sum is exact either way. MXFP4's codes are unsigned (w + kOffset); int8 codes keep
+// their sign (kOffset 0: w + 128 would saturate vpmaddubsw), and each column product fixes signs as `dot_block` does.
 
 constexpr int kLanes = 8;  // weight rows per register (row_lanes)
 template <class W>
