@@ -427,7 +427,7 @@ def decode_parts(directory: Path, threads: int, tokens: int = 16) -> dict[str, f
         module.forward = timed
 
     for layer in model.layers:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in ("qkv_proj", "o_proj"):  # q, k and v stacked (ossgpt.quant.int8.Int8Attention)
             clocked(getattr(layer.self_attn, name), "attention projections (int8)")
         clocked(layer.self_attn, "attention")
         clocked(layer.mlp.router, "router")

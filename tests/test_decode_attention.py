@@ -125,7 +125,7 @@ def test_sdpa_attention_takes_it_for_a_decoding_step_only():
         torch.testing.assert_close(flash, native_out, rtol=1e-5, atol=1e-5)
         two = torch.cat([q, q], dim=2)
         assert decode_attention(two, k, v, sinks, visible.expand(2, 1, 2, 11), 0.125) is None
-    assert decode_attention(q, k, v, sinks, visible, 0.125) is None  # gradients wanted
+    assert decode_attention(q.requires_grad_(), k, v, sinks, visible, 0.125) is None  # gradients wanted
 
 
 @needs_native

@@ -1,5 +1,6 @@
-"""The native element-wise steps (ossgpt.kernels.native.rms_norm, rotary, visible_keys; csrc/cpu_elementwise.cpp)
-against the model's formulas in float64, and the model paths that take them.
+"""The native element-wise steps (ossgpt.kernels.native.rms_norm, rotary, rotary_table, visible_keys, top_k_softmax,
+write_kv; csrc/cpu_elementwise.cpp) against the model's formulas in float64 (the cache's writes: against its torch
+index), and the model paths that take them.
 
 Error bounds, with u = 2^-24 (float32's unit roundoff); nothing here is fitted to the kernels' results:
 
@@ -9,17 +10,36 @@ Error bounds, with u = 2^-24 (float32's unit roundoff); nothing here is fitted t
     (gamma_D / 2 + 7 u) |exact| of the float64 formula.
   * Rotary: each output is a * b - c * d (or + ), two products and a sum of float32 values, with or without a
     fused multiply-add: within 2 u (|a b| + |c d|) + u^2 terms of the exact value.
-  * The visibility mask is integer comparisons: equal to the torch ops' mask.
+  * Rotary tables: the angle is the float32 product position * inv_freq in both paths; its cosine and sine within
+    1 ulp (glibc's and Sleef's documented maximum errors), <= 2 u of the value, then times the scaling (u more):
+    within 4 u |exact| of the float64 cosine of that angle, times the scaling.
+  * Router top-k softmax: each exp within 1 ulp (2 u relative), the sum of k positive terms adds k - 1 roundings,
+    the quotient one: within (5 + k) u |exact| of the float64 softmax over the same k logits. The indices are the
+    float64 top k where no two logits tie (the test's logits are distinct).
+  * The visibility mask is integer comparisons: equal to the torch ops' mask. The cache's writes copy values:
+    equal to the torch index's.
 """
 
 import pytest
 import torch
 
+from ossgpt import GPTOSSConfig
 from ossgpt.kernels import native as native_module
-from ossgpt.kernels.native import INSTRUCTION_SETS, cpu_flags, native, rms_norm, rotary, visible_keys
+from ossgpt.kernels.native import (
+    INSTRUCTION_SETS,
+    cpu_flags,
+    native,
+    rms_norm,
+    rotary,
+    rotary_table,
+    top_k_softmax,
+    visible_keys,
+)
 from ossgpt.model.attention import allowed_keys, allowed_keys_reference
+from ossgpt.model.cache import LayerKVCache
+from ossgpt.model.moe import Router
 from ossgpt.model.norms import RMSNorm, rms_norm_reference
-from ossgpt.model.rope import apply_rotary, rotary_reference
+from ossgpt.model.rope import RotaryEmbedding, apply_rotary, rotary_reference
 
 needs_native = pytest.mark.skipif(native() is None, reason="the native CPU kernels could not be built here")
 U = 2.0**-24
@@ -120,6 +140,55 @@ def test_rotary_dispatch():
 
 
 @needs_native
+@pytest.mark.parametrize("positions", [torch.arange(7), torch.tensor([[0, 5, 4095], [131071, 17, 0]])])
+def test_rotary_table_within_the_bound(positions):
+    """gpt-oss's YaRN frequencies, positions up to its 131,072-token context: the native table (what
+    RotaryEmbedding gives in float32) and the torch ops (what it gives in float64: computed in float32, widened)."""
+    config = GPTOSSConfig(head_dim=64, rope_theta=150000.0, rope_type="yarn", rope_factor=32.0)
+    module = RotaryEmbedding(config)
+    assert module.attention_scaling > 1
+    cos, sin = rotary_table(positions, module.inv_freq, module.attention_scaling)
+    assert cos.shape == (*positions.shape, 32) and cos.dtype == sin.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(module(positions, torch.float32), (cos, sin)))
+    angles = (positions[..., None].float() * module.inv_freq).double()  # the float32 angle, as both paths round it
+    exact = angles.cos() * module.attention_scaling, angles.sin() * module.attention_scaling
+    for table in ((cos, sin), module(positions, torch.float64)):  # native; torch's (native declines float64 tables)
+        for got, value in zip(table, exact):
+            assert ((got.double() - value).abs() <= 4 * U * value.abs()).all()
+    assert rotary_table(positions.float(), module.inv_freq, 1.0) is None
+
+
+@needs_native
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_softmax_within_the_bound(k):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(33, 32, generator=g) * 4
+    weights, indices = top_k_softmax(logits, k)
+    top, expected = logits.double().topk(k, dim=-1)
+    assert torch.equal(indices, expected)
+    exact = top.softmax(dim=-1)
+    assert ((weights.double() - exact).abs() <= (5 + k) * U * exact).all()
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
+    assert top_k_softmax(ties, 2)[1].tolist() == [[1, 2]]  # of equal logits, the lower expert first
+
+
+@needs_native
+def test_router_takes_it_without_gradients_only():
+    router = Router(GPTOSSConfig(hidden_size=16, num_local_experts=8, num_experts_per_tok=3))
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        logits, weights, indices = router(x)
+        native_weights, native_indices = top_k_softmax(logits, 3)
+    assert torch.equal(weights, native_weights) and torch.equal(indices, native_indices)
+    logits, weights, indices = router(x)  # gradients wanted: torch's topk and softmax
+    assert weights.requires_grad and top_k_softmax(logits, 3) is None
+    top, expected = logits.detach().topk(3, dim=-1)
+    assert torch.equal(indices, expected)
+    assert torch.equal(weights.detach(), top.softmax(-1))
+
+
+@needs_native
 @pytest.mark.parametrize("window", [None, 1, 3, 1000])
 def test_visible_keys_equal_the_torch_ops(window):
     """Causal masks of a prompt (an expanded arange, as the model makes), of left-padded rows, and of a decoding
@@ -135,6 +204,60 @@ def test_visible_keys_equal_the_torch_ops(window):
         assert got.shape == (3, 1, query.shape[1], keys.shape[1])
         assert torch.equal(got, allowed_keys_reference(query, keys, window))
         assert torch.equal(allowed_keys(query, keys, window), got)
+
+
+def cache_steps(ring: bool, dtype: torch.dtype, rows: slice | None):
+    """A prompt of 5 columns, then 4 one-token steps at shared columns, then 3 at per-row columns, through a
+    LayerKVCache of capacity 4 (a ring buffer) or 12 (a plain one), or through a view of some of its rows; ->
+    everything each update returned, and the buffers at the end."""
+    g = torch.Generator().manual_seed(7)
+    cache = LayerKVCache(3, 2, 8, capacity=4 if ring else 12, ring=ring, device="cpu", dtype=dtype)
+    view = cache if rows is None else cache.narrow(rows.start, rows.stop - rows.start, 12)
+    B = view.keys.shape[0]
+    returned = []
+
+    def step(T, start, positions):
+        # k, v as the attention hands them over: the heads of a projection's output, [B, T, K, D] transposed
+        k, v = (torch.randn(B, T, 2, 8, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+        returned.extend(view.update(k, v, positions, start))
+
+    step(5, 0, torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2], [-1, 0, 1, 2, 3]])[:B])
+    for column in range(5, 9):
+        step(1, column, torch.tensor([[column], [column - 2], [column - 1]])[:B])
+    for offset in range(3):
+        starts = torch.tensor([9, 8, 9])[:B] + offset
+        step(1, starts, (starts - torch.tensor([0, 2, 1])[:B])[:, None])
+    return returned + [cache.keys, cache.values, cache.positions]
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [None, slice(1, 3)], ids=["whole cache", "a view of two rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ring", [False, True], ids=["plain", "ring"])
+def test_kv_cache_writes_equal_the_torch_index(ring, dtype, rows, monkeypatch):
+    """LayerKVCache.update through the native write and through its torch index: the same values in the same slots,
+    the same tensors returned, for prompts (longer than a ring), shared and per-row columns, on views of rows."""
+    with torch.no_grad():
+        native_steps = cache_steps(ring, dtype, rows)
+        monkeypatch.setattr(native_module, "write_kv", lambda *args: False)
+        torch_steps = cache_steps(ring, dtype, rows)
+    assert len(native_steps) == len(torch_steps)
+    for got, expected in zip(native_steps, torch_steps):
+        assert torch.equal(got, expected)
+
+
+@needs_native
+def test_kv_cache_write_declines_and_refuses():
+    cache = LayerKVCache(1, 1, 4, capacity=3, ring=False, device="cpu", dtype=torch.float32)
+    k = torch.ones(1, 1, 2, 4)
+    positions = torch.tensor([[0, 1]])
+    assert not native_module.write_kv(cache.keys, cache.values, cache.positions, k.double(), k.double(), positions, 0,
+                                      False)  # fmt: skip
+    assert not native_module.write_kv(cache.keys, cache.values, cache.positions, k.requires_grad_(), k, positions, 0,
+                                      False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="KV cache full: 4 tokens exceed its capacity of 3"):
+        native_module.write_kv(cache.keys, cache.values, cache.positions, k.detach(), k.detach(), positions,
+                               torch.tensor([2]), False)  # fmt: skip
 
 
 LESSER = [name for name in list(INSTRUCTION_SETS)[1:] if set(INSTRUCTION_SETS[name][0]) <= cpu_flags()]

@@ -29,8 +29,9 @@ from ossgpt.kernels.int8 import int8_dynamic_linear, int8_mm_available, int_mm_a
 from ossgpt.kernels.loss import linear_cross_entropy
 from ossgpt.model import GPTOSS
 from ossgpt.model.attention import allowed_keys, eager_attention
+from ossgpt.model.cache import KVCache
 from ossgpt.model.moe import Experts, MoE, load_balancing_loss, router_z_loss
-from ossgpt.quant.int8 import Int8Experts, Int8Linear, quantize_for_decoding
+from ossgpt.quant.int8 import Int8Attention, Int8Experts, Int8Linear, quantize_for_decoding
 
 CHUNKED = RuntimeOptions(loss_chunk_size=7)  # chunks smaller than the test batches
 
@@ -477,6 +478,32 @@ def test_quantized_model_cached_decoding_matches_its_full_forward(dynamic):
         assert ((full - model(ids).logits).abs().max() / model(ids).logits.abs().max()) < 5e-2
         out = quantized.generate(ids, max_new_tokens=5)
         assert torch.equal(out[:, 12:], quantized(out[:, :-1]).logits[:, 11:].argmax(-1))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["weight-only", "W8A8"])
+def test_stacked_qkv_projection_equals_three_int8_products(dynamic):
+    """Int8Attention (q, k and v as one stacked product) gives, bit for bit, what the same attention with three
+    Int8Linear projections gives: prompts of two rows, and cached one-token steps."""
+    config = small_config(hidden_size=64, head_dim=16)
+    torch.manual_seed(0)
+    model = GPTOSSForCausalLM(config).eval()
+    stacked = quantize_for_decoding(model, dynamic=dynamic)
+    attention = stacked.layers[1].self_attn
+    assert isinstance(attention, Int8Attention) and not hasattr(attention, "q_proj")
+    three = copy.deepcopy(model.layers[1].self_attn)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(three, name, Int8Linear(getattr(three, name), dynamic=dynamic, scale_blocks=True))
+    x = torch.randn(2, 7, 64)
+    positions = torch.arange(7).expand(2, 7)
+    cos, sin = model.rotary_emb(positions, x.dtype)
+    with torch.no_grad():
+        assert torch.equal(attention(x, cos, sin, positions), three(x, cos, sin, positions))
+        caches = KVCache(config, 2, 9), KVCache(config, 2, 9)
+        outs = [a(x, cos, sin, positions, cache[1], 0) for a, cache in zip((attention, three), caches)]
+        step = torch.full((2, 1), 7)
+        cos, sin = model.rotary_emb(step, x.dtype)
+        outs += [a(x[:, :1], cos, sin, step, cache[1], 7) for a, cache in zip((attention, three), caches)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
 
 
 # ---------------------------------------------------------------------------------------------- bench smoke run

@@ -512,7 +512,7 @@ IDS = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
 def test_decoding_path_is_chosen_on_cpu_and_close_to_float32(published):
     fast = load_model(published)  # the defaults: packed experts, int8 W8A8 elsewhere, float32 compute
     layer = fast.layers[0]
-    assert isinstance(layer.mlp.experts, MXFP4Experts) and isinstance(layer.self_attn.q_proj, Int8Linear)
+    assert isinstance(layer.mlp.experts, MXFP4Experts) and isinstance(layer.self_attn.qkv_proj, Int8Linear)
     assert isinstance(fast.lm_head, Int8Linear) and fast.lm_head.dynamic
     assert isinstance(fast.embed_tokens, StoredEmbedding) and fast.embed_tokens.weight.dtype == torch.bfloat16
     assert fast.dtype == torch.float32 and layer.mlp.router.weight.dtype == torch.float32

@@ -76,7 +76,7 @@ def describe_weights(model) -> str:
         parts.append(f"experts MXFP4 ({isa if model.device.type == 'cpu' else 'dequantized per call'})")
     if isinstance(model.lm_head, Int8Linear):
         kind = "W8A8" if model.lm_head.dynamic else "weight-only"
-        blocks = model.layers[0].self_attn.q_proj.scales.dim() == 2
+        blocks = model.layers[0].self_attn.qkv_proj.scales.dim() == 2
         scales = ", attention with a scale per block of 32" if blocks else ""
         parts.append(f"LM head and attention int8 {kind}{scales} ({isa if model.lm_head.dynamic else 'torch kernels'})")
     parts.append(f"embedding {model.embed_tokens.weight.dtype}, {model.dtype} elsewhere".replace("torch.", ""))

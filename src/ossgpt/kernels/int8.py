@@ -95,10 +95,9 @@ def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     elsewhere the same integer products in float32 (exact while in x 127^2 < 2^24, i.e. in <= 1040; float32-rounded
     sums beyond). Weights with block scales (`block_scales_available`) are for the native kernel; elsewhere
     they are dequantized for an ordinary product."""
-    module = native() if x.device.type == "cpu" and x.shape[-1] % 32 == 0 else None
-    if module is not None:  # (x's leading dimensions go through the kernel as they are: no views to pay for)
-        bias = None if bias is None else bias.float().contiguous()
-        return module.int8_linear(x.float().contiguous(), weight, native_scales(scales), bias).to(x.dtype)
+    module = native() if x.is_cpu and x.shape[-1] % 32 == 0 else None
+    if module is not None:  # x's leading dimensions, its dtype and the bias's go to the kernel as they are
+        return module.int8_linear(x, weight, native_scales(scales), bias)
     if scales.dim() == 2:
         return F.linear(x, dequantize_int8(weight, scales).to(x.dtype), bias)
     flat = x.reshape(-1, x.shape[-1])

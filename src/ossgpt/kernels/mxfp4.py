@@ -128,8 +128,7 @@ def mxfp4_linear(
     On CPU with the native kernels, x is rounded to int8 per block of 32 values (step max|block| / 127) first:
     each output is off from the exact product by at most half a step per value, times the weights' magnitudes
     (tests/test_native_kernels.py checks that bound). Otherwise, the exact reference."""
-    module = native() if x.device.type == "cpu" else None
+    module = native() if x.is_cpu else None
     if module is None or x.requires_grad:
         return F.linear(x, dequantize(blocks, scales, x.dtype), bias)
-    bias = None if bias is None else bias.float().contiguous()
-    return module.mxfp4_linear(x.float().contiguous(), blocks, scales, bias).to(x.dtype)
+    return module.mxfp4_linear(x, blocks, scales, bias)  # (the kernel takes x and bias in any float dtype)

@@ -8,9 +8,12 @@
     decode_attention(q, k, v, sinks, visible, scale)
                attention with sinks for one query per row (a decoding step), or None where the caller should take
                the fused kernel.
-    rms_norm(x, weight, eps), rotary(x, cos, sin), visible_keys(query_positions, key_positions, window)
-               the element-wise steps around the products (ossgpt.model's RMSNorm, apply_rotary, allowed_keys) in
-               one call each, or None where the caller should take its torch ops.
+    rms_norm(x, weight, eps), rotary(x, cos, sin), rotary_table(positions, inv_freq, scaling),
+    visible_keys(query_positions, key_positions, window), top_k_softmax(logits, k),
+    write_kv(keys, values, key_positions, k, v, positions, start, ring)
+               the element-wise steps around the products (ossgpt.model's RMSNorm, apply_rotary, RotaryEmbedding,
+               allowed_keys, Router, LayerKVCache.write) in one call each, or None (False) where the caller should
+               take its torch ops.
 
 The instruction set is picked at run time from the CPU's flags: the module is built for the best of
 `INSTRUCTION_SETS` this CPU has, under a name of its own, so a cache shared by machines with different CPUs
@@ -32,7 +35,8 @@ from pathlib import Path
 import torch
 
 # cpu_q8.cpp: products of int8 or MXFP4 weights (and the module's bindings); cpu_attention.cpp: decoding attention;
-# cpu_elementwise.cpp: RMSNorm, the rotary embedding and the visibility mask.
+# cpu_elementwise.cpp: RMSNorm, the rotary embedding and its tables, the visibility mask, the KV cache's writes and the
+# router's top-k softmax.
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_q8.cpp", "cpu_attention.cpp", "cpu_elementwise.cpp")]
 # Tokens at most per fused experts call (`fused_experts`): decoding, batched or not. There a layer's loop over its
 # experts costs more in per-op overhead than in products; a prompt's products amortize that overhead, while the fused
@@ -102,15 +106,16 @@ def fused_experts(kernel: str, x, indices, weights, gate_up: tuple, down: tuple,
     weights; gate_up, down: (weight tensors..., bias) of all E experts in the kernel's format (csrc/cpu_q8.cpp)
     -> [N, H] in x's dtype: sum over k of weight * down(clamped_swiglu(gate_up(x))), the same products as one
     call per expert and projection (the tokens rounded to int8 per block of 32)."""
-    module = native() if x.device.type == "cpu" and not x.requires_grad else None
-    (*gate_up_weights, gate_up_bias), (*down_weights, down_bias) = gate_up, down
-    width = gate_up_bias.shape[-1] // 2  # I: the bias is [E, 2I] in either format
-    if module is None or x.shape[0] > FUSED_EXPERTS_TOKENS or x.shape[-1] % 32 or width % 32:
+    width = gate_up[-1].shape[-1] // 2  # I: the bias is [E, 2I] in either format
+    if not x.is_cpu or x.requires_grad or x.shape[0] > FUSED_EXPERTS_TOKENS or x.shape[-1] % 32 or width % 32:
         return None
-    out = getattr(module, kernel)(x.float().contiguous(), indices.long().contiguous(), weights.float().contiguous(),
-                                  *gate_up_weights, gate_up_bias.float().contiguous(), *down_weights,
-                                  down_bias.float().contiguous(), alpha, limit)  # fmt: skip
-    return out.to(x.dtype)
+    module = native()
+    return None if module is None else getattr(module, kernel)(x, indices, weights, *gate_up, *down, alpha, limit)
+
+
+# The native calls below decide themselves whether they apply, and return None where not: not float32 on the CPU,
+# or gradients wanted (training keeps the torch ops, whose backward autograd knows). Those checks, in C++, cost a
+# fraction of what they would here, at every call of a decoding step.
 
 
 def decode_attention(q, k, v, sinks, visible, scale: float):
@@ -120,58 +125,55 @@ def decode_attention(q, k, v, sinks, visible, scale: float):
 
     q [B, H, 1, D], k/v [B, K, S, D] (K dividing H; views of a cache's rows and columns are fine), sinks [H],
     visible bool [B|1, 1, 1, S] -> [B, H, 1, D] float32, as `ossgpt.model.attention.eager_attention`."""
-    if q.device.type != "cpu" or q.shape[2] != 1 or torch.is_grad_enabled() or q.requires_grad:
-        return None
-    if any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v)):
-        return None
-    module = native()
-    if module is None:
-        return None
-    return module.decode_attention(q, k, v, sinks.float().contiguous(), visible.contiguous(), scale)
-
-
-# The element-wise steps. Each runs where the model's torch ops would compute in float32 on the CPU without
-# gradients: decoding, prompts, evaluation. Training keeps the torch ops, whose backward autograd knows.
+    module = native() if q.shape[2] == 1 else None
+    return None if module is None else module.decode_attention(q, k, v, sinks, visible, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """x [..., D] float32, weight [D] float32 -> weight * x / sqrt(mean(x^2) + eps), x's shape
+    """x [..., D] float32 (contiguous), weight [D] float32 -> weight * x / sqrt(mean(x^2) + eps), x's shape
     (ossgpt.model.norms.rms_norm_reference); None where the caller should take torch's kernel."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous():
-        return None
-    if _gradients_wanted(x, weight) or (module := native()) is None:
-        return None
-    return module.rms_norm(x, weight, eps)
+    module = native()
+    return None if module is None else module.rms_norm(x, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """x [B, H, T, D] float32 (any strides but the innermost), cos/sin [T, D/2] or [B, T, D/2] -> x rotated, as
     ossgpt.model.rope.apply_rotary (contiguous); None where the caller should take its torch ops."""
-    if x.device.type != "cpu" or x.dim() != 4 or x.stride(-1) != 1 or cos.dim() not in (2, 3):
-        return None
-    if any(t.dtype != torch.float32 for t in (x, cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()):
-        return None
-    if cos.dim() == 3 and cos.shape[0] != x.shape[0]:
-        return None
-    if _gradients_wanted(x, cos, sin) or (module := native()) is None:
-        return None
-    return module.rotary(x, cos, sin)
+    module = native()
+    return None if module is None else module.rotary(x, cos, sin)
 
 
 def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None):
     """query_positions [B, T], key_positions [B, S] int64 -> bool [B, 1, T, S], as
     ossgpt.model.attention.allowed_keys; None where the caller should take its torch ops."""
-    if query_positions.device.type != "cpu" or query_positions.dim() != 2 or key_positions.dim() != 2:
-        return None
-    if query_positions.dtype != torch.int64 or key_positions.dtype != torch.int64:
-        return None
-    if query_positions.shape[0] != key_positions.shape[0] or (module := native()) is None:
-        return None
-    return module.visible_keys(query_positions, key_positions, window)
+    module = native()
+    return None if module is None else module.visible_keys(query_positions, key_positions, window)
 
 
-def _gradients_wanted(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def rotary_table(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
+    """positions [...] int64, inv_freq [D/2] float32 -> (cos, sin) [..., D/2] float32, as
+    ossgpt.model.rope.RotaryEmbedding computes them; None where the caller should take its torch ops."""
+    module = native()
+    return None if module is None else module.rotary_table(positions, inv_freq, scaling)
+
+
+def top_k_softmax(logits: torch.Tensor, k: int):
+    """logits [N, E] float32 -> (weights [N, k], indices [N, k]): each row's k largest logits softmaxed, and their
+    columns, as ossgpt.model.moe.Router computes them; None where the caller should take its torch ops."""
+    module = native()
+    return None if module is None else module.top_k_softmax(logits, k)
+
+
+def write_kv(keys, values, key_positions, k, v, positions, start, ring: bool) -> bool:
+    """k, v [B, K, T, D] and positions [B, T] written into a KV cache's keys, values [B, K, C, D] and key_positions
+    [B, C] at columns start + t (start: an int, or a [B] tensor of each row's first column), modulo C if `ring`, as
+    ossgpt.model.cache.LayerKVCache.write; False, with nothing written, where the caller should take its torch ops."""
+    module = native()
+    if module is None:
+        return False
+    per_row = isinstance(start, torch.Tensor)
+    return module.write_kv(keys, values, key_positions, k, v, positions, 0 if per_row else start,
+                           start if per_row else None, ring)  # fmt: skip
 
 
 def _build(name: str):

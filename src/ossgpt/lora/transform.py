@@ -113,11 +113,12 @@ def base_sites(
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}."
         for name in ATTENTION_TARGETS:
-            module = getattr(layer.self_attn, name)
+            module = getattr(layer.self_attn, name, None)  # None: a decoding copy, which stacks q, k and v
             if name in targets:
                 if not isinstance(module, (nn.Linear, LoRALinear)):
-                    raise ValueError(f"{prefix}self_attn.{name} is a {type(module).__name__}, not an nn.Linear: "
-                                     "adapt the float model, not one quantized for decoding")  # fmt: skip
+                    found = f".{name} is a {type(module).__name__}, not" if module is not None else f" has no {name},"
+                    raise ValueError(f"{prefix}self_attn{found} an nn.Linear: adapt the float model, not one "
+                                     "quantized for decoding")  # fmt: skip
                 sites[f"{prefix}self_attn.{name}"] = tuple(module.weight.shape)
         if "router" in targets:
             sites[f"{prefix}mlp.router"] = tuple(layer.mlp.router.weight.shape)

@@ -84,9 +84,10 @@ class Attention(nn.Module):
         an int, or a [B] tensor of per-row columns for one token per row).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_positions = positions
         if cache is not None:
@@ -94,3 +95,8 @@ class Attention(nn.Module):
         visible = allowed_keys(positions, key_positions, self.window)
         out = ATTENTION_KERNELS[self.kernel](q, k, v, self.sinks, visible, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def project(self, x):
+        """x [B, T, hidden] -> the queries [B, T, H * D], keys and values [B, T, K * D]. (A decoding copy may run the
+        three as one product: ossgpt.quant.int8.Int8Attention.)"""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)

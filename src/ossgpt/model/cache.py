@@ -21,6 +21,8 @@ import copy
 
 import torch
 
+from ossgpt.kernels import native
+
 
 class LayerKVCache:
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, ring: bool, device, dtype):
@@ -38,25 +40,16 @@ class LayerKVCache:
         start: one int for every row, or a [B] tensor of each row's column when T is 1 (rows of different lengths).
         """
         T = k.shape[2]
-        if isinstance(start, torch.Tensor):
-            # One token per row, each at its own column: its slot, as in the one-token ring case below, overwrites
-            # nothing its query could still see. The rows attend over the whole buffer: slots beyond a row's
-            # sequence hold position -1 and are masked.
-            if T != 1:
-                raise ValueError(f"per-row start columns take one token per row, got {T}")
-            rows = torch.arange(k.shape[0], device=k.device)
-            slots = start % self.capacity if self.ring else start
-            self.keys[rows, :, slots] = k[:, :, 0]
-            self.values[rows, :, slots] = v[:, :, 0]
-            self.positions[rows, slots] = positions[:, 0]
-            return self.keys, self.values, self.positions
-        if self.ring and T == 1:
-            # One new token (decoding): it overwrites the oldest slot, which its query could no longer see (it is
-            # `capacity` = window positions back), so the buffer itself then holds exactly what it attends over.
-            slot = start % self.capacity
-            self.keys[:, :, slot : slot + 1] = k
-            self.values[:, :, slot : slot + 1] = v
-            self.positions[:, slot : slot + 1] = positions
+        per_row = isinstance(start, torch.Tensor)
+        if per_row and T != 1:
+            raise ValueError(f"per-row start columns take one token per row, got {T}")
+        if per_row or (self.ring and T == 1):
+            # One token per row. In a ring buffer (decoding) it overwrites the oldest slot, which its query could no
+            # longer see (it is `capacity` = window positions back), so the buffer itself then holds exactly what it
+            # attends over. At per-row columns each row's token, as in the ring, overwrites nothing its query could
+            # still see; the rows attend over the whole buffer: slots beyond a row's sequence hold position -1 and
+            # are masked.
+            self.write(k, v, positions, start)
             return self.keys, self.values, self.positions
         if self.ring:
             # Attend over the window kept so far plus all new keys (a prefill may be longer than the window),
@@ -65,18 +58,27 @@ class LayerKVCache:
             values = torch.cat([self.values, v], dim=2)
             key_positions = torch.cat([self.positions, positions], dim=1)
             keep = min(T, self.capacity)
-            slots = torch.arange(start + T - keep, start + T, device=k.device) % self.capacity
-            self.keys[:, :, slots] = k[:, :, T - keep :]
-            self.values[:, :, slots] = v[:, :, T - keep :]
-            self.positions[:, slots] = positions[:, T - keep :]
+            self.write(k[:, :, T - keep :], v[:, :, T - keep :], positions[:, T - keep :], start + T - keep)
             return keys, values, key_positions
         if start + T > self.capacity:
             raise ValueError(f"KV cache full: {start + T} tokens exceed its capacity of {self.capacity}")
-        self.keys[:, :, start : start + T] = k
-        self.values[:, :, start : start + T] = v
-        self.positions[:, start : start + T] = positions
+        self.write(k, v, positions, start)
         end = start + T
         return self.keys[:, :, :end], self.values[:, :, :end], self.positions[:, :end]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: int | torch.Tensor) -> None:
+        """k, v [B, H_kv, T, D] and positions [B, T] into columns start..start+T-1 (start: an int, or a [B] tensor of
+        each row's first column), modulo the capacity in a ring buffer. On the CPU one native call
+        (ossgpt.kernels.native.write_kv); elsewhere the same through an index."""
+        if native.write_kv(self.keys, self.values, self.positions, k, v, positions, start, self.ring):
+            return
+        B, T = positions.shape
+        columns = (start.view(B, 1) if isinstance(start, torch.Tensor) else start) + torch.arange(T, device=k.device)
+        slots = (columns % self.capacity if self.ring else columns).expand(B, T)
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.keys[rows, :, slots] = k.transpose(1, 2)  # [B, T, H_kv, D] at the [B, T] (row, slot) pairs
+        self.values[rows, :, slots] = v.transpose(1, 2)
+        self.positions[rows, slots] = positions
 
     def narrow(self, first: int, rows: int, columns: int) -> LayerKVCache:
         """Rows first..first+rows-1 and, of a plain buffer, the first `columns` columns (a ring buffer keeps all its

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ossgpt.kernels import native
 from ossgpt.kernels.experts import grouped_linear, sorted_experts
 
 
@@ -101,6 +102,9 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.logits(x)
+        routed = native.top_k_softmax(logits, self.top_k)  # one native call in float32 on the CPU without gradients
+        if routed is not None:
+            return logits, *routed
         top_logits, indices = torch.topk(logits, self.top_k, dim=-1)
         weights = top_logits.softmax(dim=-1)
         return logits, weights, indices

@@ -79,7 +79,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] or [B, T] integer -> cos, sin: [..., T, head_dim // 2] in `dtype`."""
+        """positions: [T] or [B, T] integer -> cos, sin: [..., T, head_dim // 2] in `dtype`. In float32 on the CPU
+        one native call (ossgpt.kernels.native.rotary_table); otherwise the torch ops below."""
+        if dtype == torch.float32 and (table := native.rotary_table(positions, self.inv_freq, self.attention_scaling)):
+            return table
         angles = positions[..., None].float() * self.inv_freq.float()
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 

@@ -44,11 +44,12 @@ from ossgpt.kernels.int8 import (
     quantize_int8,
 )
 from ossgpt.kernels.native import fused_experts
+from ossgpt.model.attention import Attention
 from ossgpt.model.moe import Experts
 from ossgpt.quant.mxfp4 import MXFP4Experts
 
 BLOCK = 32  # values per scale of a W8A8 weight on the CPU (the native kernel's block)
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention's modules that become int8
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention's weights that become int8
 
 
 class Int8Linear(nn.Module):
@@ -77,6 +78,30 @@ class Int8Linear(nn.Module):
             return int8_dynamic_linear(x, self.qweight, self.scales, self.bias)
         out = int8_linear(x, self.qweight, self.scales)
         return out if self.bias is None else out + self.bias
+
+
+class Int8Attention(Attention):
+    """`Attention` with int8 projections, q, k and v stacked into one: [(H + 2 K) D, hidden], so that one product
+    gives all three, its input read (and in W8A8 quantized) once. Each output row is computed as its own projection
+    would compute it (the same int8 row, the same scales): the results are those of three Int8Linear."""
+
+    def __init__(self, attention: Attention, config, layer_idx: int, dynamic: bool = False):
+        with torch.device("meta"):
+            super().__init__(config, layer_idx, attention.kernel)
+        del self.q_proj, self.k_proj, self.v_proj  # replaced by qkv_proj
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        self.widths = [p.out_features for p in projections]  # H * D, K * D, K * D
+        stacked = nn.Linear(config.hidden_size, sum(self.widths), bias=config.attention_bias, device="meta")
+        stacked.weight = nn.Parameter(torch.cat([p.weight.detach() for p in projections]), requires_grad=False)
+        if config.attention_bias:
+            stacked.bias = nn.Parameter(torch.cat([p.bias.detach() for p in projections]), requires_grad=False)
+        self.qkv_proj = Int8Linear(stacked, dynamic=dynamic, scale_blocks=True)
+        self.o_proj = Int8Linear(attention.o_proj, dynamic=dynamic, scale_blocks=True)
+        self.sinks = attention.sinks
+
+    def project(self, x):
+        """x [B, T, hidden] -> q [B, T, H * D], k, v [B, T, K * D]: views of one product's columns."""
+        return self.qkv_proj(x).split(self.widths, dim=-1)
 
 
 class Int8Experts(Experts):
@@ -166,10 +191,8 @@ def quantize_for_decoding(
         p.requires_grad_(False)
     # A new module: the embedding keeps its float weight.
     quantized.lm_head = Int8Linear(quantized.lm_head, dynamic=dynamic)
-    for layer in quantized.layers:
-        attention = layer.self_attn
-        for name in ATTENTION_PROJECTIONS:
-            setattr(attention, name, Int8Linear(getattr(attention, name), dynamic=dynamic, scale_blocks=True))
+    for i, layer in enumerate(quantized.layers):
+        layer.self_attn = Int8Attention(layer.self_attn, quantized.config, i, dynamic=dynamic)
         if not isinstance(layer.mlp.experts, MXFP4Experts):
             layer.mlp.experts = Int8Experts(layer.mlp.experts, quantized.config, dynamic=dynamic)
     if dtype is not None:

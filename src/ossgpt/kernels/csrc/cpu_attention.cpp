@@ -187,24 +187,29 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
 
 }  // namespace
 
+bool gradients_wanted(std::initializer_list<torch::Tensor> tensors);  // csrc/cpu_elementwise.cpp
+
 // q [B, H, T, D], k/v [B, K, S, D] (float32, innermost dimension contiguous; any other strides, e.g. a view of
-// some rows and columns of a cache), sinks [H] float32, visible [B or 1, 1, T, S] bool (contiguous), scale
-// -> out [B, H, T, D] float32.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& sinks, const torch::Tensor& visible, double scale) {
+// some rows and columns of a cache), sinks [H], visible [B or 1, 1, T, S] bool, scale -> out [B, H, T, D] float32.
+// None unless q, k and v are float32 on the CPU with contiguous rows, and no gradient wanted.
+c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                              const torch::Tensor& sinks_in, const torch::Tensor& visible_in,
+                                              double scale) {
+  if (!q.is_cpu() || q.scalar_type() != torch::kFloat32 || k.scalar_type() != torch::kFloat32 ||
+      v.scalar_type() != torch::kFloat32 || q.stride(-1) != 1 || k.stride(-1) != 1 || v.stride(-1) != 1 ||
+      gradients_wanted({q, k, v, sinks_in}))
+    return c10::nullopt;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "q must be [B, H, T, D] and k, v [B, K, S, D] with K dividing H");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-                  v.scalar_type() == torch::kFloat32 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "q, k and v must be float32 with contiguous rows");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), K = k.size(1), S = k.size(2);
-  TORCH_CHECK(sinks.scalar_type() == torch::kFloat32 && sinks.is_contiguous() && sinks.numel() == H,
-              "sinks must be a contiguous float32 vector [H]");
-  TORCH_CHECK(visible.scalar_type() == torch::kBool && visible.is_contiguous() && visible.dim() == 4 &&
+  const auto sinks = sinks_in.to(torch::kFloat32).contiguous();
+  const auto visible = visible_in.contiguous();
+  TORCH_CHECK(sinks.numel() == H, "sinks must be a vector [H]");
+  TORCH_CHECK(visible.scalar_type() == torch::kBool && visible.dim() == 4 &&
                   (visible.size(0) == B || visible.size(0) == 1) && visible.size(1) == 1 && visible.size(2) == T &&
                   visible.size(3) == S,
-              "visible must be a contiguous bool tensor [B or 1, 1, T, S]");
+              "visible must be a bool tensor [B or 1, 1, T, S]");
   auto out = torch::empty({B, H, T, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();

@@ -781,26 +781,32 @@ void q8_matmul(const W& w, const Q8Rows& x, int64_t n, int64_t O, const float* b
 }
 
 // ---------------------------------------------------------------------------------------- entry points
-// x: a contiguous float32 matrix [n, K], or with `leading`, any number of leading dimensions [..., K].
+// The entry points take activations, biases and mixing weights in whatever float dtype and layout the model has
+// them (converted here, where it costs less than a conversion call from Python) and return activations in x's dtype.
+
+// t as a contiguous float32 tensor (t itself when it is one).
+torch::Tensor as_float(const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); }
+
+// x: a CPU matrix [n, K], or with `leading`, any number of leading dimensions [..., K].
 void check_activations(const torch::Tensor& x, int64_t K, bool leading = false) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() &&
-                  (leading ? x.dim() >= 1 : x.dim() == 2),
-              leading ? "x must be a contiguous float32 CPU tensor [..., K]"
-                      : "x must be a contiguous float32 CPU matrix [n, K]");
+  TORCH_CHECK(x.device().is_cpu() && (leading ? x.dim() >= 1 : x.dim() == 2),
+              leading ? "x must be a CPU tensor [..., K]" : "x must be a CPU matrix [n, K]");
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns, the weight ", K);
   TORCH_CHECK(K % QK == 0, "K (", K, ") must be a multiple of 32");
 }
 
-const float* bias_pointer(const c10::optional<torch::Tensor>& bias, int64_t O) {
-  if (!bias.has_value()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == O,
-              "bias must be a contiguous float32 vector of ", O, " values");
-  return bias->data_ptr<float>();
+// A bias of O values as contiguous float32 (or none).
+c10::optional<torch::Tensor> float_bias(const c10::optional<torch::Tensor>& bias, int64_t O) {
+  if (!bias.has_value()) return c10::nullopt;
+  TORCH_CHECK(bias->numel() == O, "bias must be a vector of ", O, " values");
+  return as_float(*bias);
 }
 
-// y [..., O] = x [..., K] times the weights' rows, plus bias [O] (or none).
+// y [..., O] = x [..., K] times the weights' rows, plus bias [O] (or none), in x's dtype.
 template <class W>
-torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor run(const W& w, const torch::Tensor& x_in, int64_t O, const c10::optional<torch::Tensor>& bias_in) {
+  const torch::Tensor x = as_float(x_in);
+  const c10::optional<torch::Tensor> bias = float_bias(bias_in, O);
   const int64_t K = x.size(-1), n = x.numel() / K;
   Q8Buffers buffers(n, K, x.options());
   const Q8Rows rows = buffers.rows();
@@ -811,11 +817,11 @@ torch::Tensor run(const W& w, const torch::Tensor& x, int64_t O, const c10::opti
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = O;
   auto y = torch::empty(shape, x.options());
-  q8_matmul(w, rows, n, O, bias_pointer(bias, O), y.data_ptr<float>());
-  return y;
+  q8_matmul(w, rows, n, O, bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y.to(x_in.scalar_type());
 }
 
-// x [..., K] float32 times MXFP4 weight rows (blocks [O, K/32, 16], scales [O, K/32], uint8) + bias -> [..., O].
+// x [..., K] times MXFP4 weight rows (blocks [O, K/32, 16], scales [O, K/32], uint8) + bias -> [..., O].
 torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, const torch::Tensor& scales,
                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8 && blocks.dim() == 3 &&
@@ -829,27 +835,24 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
 }
 
 // Tokens through their experts, each projection of all the experts in one parallel loop:
-//   x [N, H] f32, experts [N, k] int64 (each token's experts), mix [N, k] f32 (their mixing weights);
+//   x [N, H], experts [N, k] (integers: each token's experts), mix [N, k] (their mixing weights);
 //   gate_up(e), down(e): expert e's weight rows (gate and up interleaved: [2I, H], then [H, I]), biases
-//   gate_up_bias [E, 2I] and down_bias [E, H] f32 -> y [N, H] f32, y[t] = sum over s of mix[t, s] *
+//   gate_up_bias [E, 2I] and down_bias [E, H] -> y [N, H] in x's dtype, y[t] = sum over s of mix[t, s] *
 //   down(clamped_swiglu(gate_up(x[t]))) of expert experts[t, s].
 // The (token, expert) pairs are sorted by expert, so each expert's rows are read once for all its tokens; each
 // token is quantized once for its k gate_up products; the threads start twice per layer, not 4 times per expert.
 template <class GateUp, class Down>
-torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& experts, const torch::Tensor& mix,
-                            GateUp gate_up, Down down, int64_t E, int64_t I, const torch::Tensor& gate_up_bias,
-                            const torch::Tensor& down_bias, double alpha, double limit) {
-  TORCH_CHECK(experts.scalar_type() == torch::kInt64 && experts.dim() == 2 && mix.scalar_type() == torch::kFloat32 &&
-                  mix.sizes() == experts.sizes() && experts.is_contiguous() && mix.is_contiguous() &&
-                  experts.size(0) == x.size(0),
-              "experts must be int64 [N, k] and mix float32 [N, k], N the rows of x");
+torch::Tensor fused_experts(const torch::Tensor& x_in, const torch::Tensor& experts_in, const torch::Tensor& mix_in,
+                            GateUp gate_up, Down down, int64_t E, int64_t I, const torch::Tensor& gate_up_bias_in,
+                            const torch::Tensor& down_bias_in, double alpha, double limit) {
+  const torch::Tensor x = as_float(x_in), experts = experts_in.to(torch::kInt64).contiguous(), mix = as_float(mix_in);
+  TORCH_CHECK(experts.dim() == 2 && mix.sizes() == experts.sizes() && experts.size(0) == x.size(0),
+              "experts and mix must be [N, k], N the rows of x");
   const int64_t N = x.size(0), k = experts.size(1), H = x.size(1), I2 = 2 * I, P = N * k;
   const int64_t G_in = H / QK, G_mid = I / QK;
   TORCH_CHECK(I % QK == 0, "the experts' width (", I, ") must be a multiple of 32");
-  TORCH_CHECK(gate_up_bias.scalar_type() == torch::kFloat32 && gate_up_bias.is_contiguous() &&
-                  gate_up_bias.numel() == E * I2 && down_bias.scalar_type() == torch::kFloat32 &&
-                  down_bias.is_contiguous() && down_bias.numel() == E * H,
-              "expert biases must be contiguous float32 [E, 2I] and [E, H]");
+  const torch::Tensor gate_up_bias = as_float(gate_up_bias_in), down_bias = as_float(down_bias_in);
+  TORCH_CHECK(gate_up_bias.numel() == E * I2 && down_bias.numel() == E * H, "expert biases must be [E, 2I] and [E, H]");
   const int64_t* ids = experts.data_ptr<int64_t>();
   for (int64_t p = 0; p < P; ++p) TORCH_CHECK(ids[p] >= 0 && ids[p] < E, "expert index out of range");
 
@@ -915,7 +918,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& experts
         for (int64_t c = 0; c < H; ++c) yp[t * H + c] += w[t * k + s] * row[c];
       }
   });
-  return y;
+  return y.to(x_in.scalar_type());
 }
 
 // MXFP4 experts: gate_up blocks [E, 2I, H/32, 16], scales [E, 2I, H/32]; down blocks [E, H, I/32, 16], scales
@@ -965,7 +968,7 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& experts,
   return fused_experts(x, experts, mix, gate_up_of, down_of, E, I, gate_up_bias, down_bias, alpha, limit);
 }
 
-// x [..., K] float32 times int8 weight rows [O, K] + bias -> [..., O], with row scales [O] (float32 or bfloat16) or
+// x [..., K] times int8 weight rows [O, K] + bias -> [..., O], with row scales [O] (float32 or bfloat16) or
 // bfloat16 scales per block of 32 [O, K / 32].
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias) {
@@ -1001,21 +1004,30 @@ std::string instruction_set() {
 }  // namespace
 
 // csrc/cpu_attention.cpp and csrc/cpu_elementwise.cpp, compiled into the same module.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& sinks, const torch::Tensor& visible, double scale);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor visible_keys(const torch::Tensor& query_positions, const torch::Tensor& key_positions,
-                           c10::optional<int64_t> window);
+c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                              const torch::Tensor& sinks, const torch::Tensor& visible, double scale);
+c10::optional<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+c10::optional<torch::Tensor> rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+c10::optional<torch::Tensor> visible_keys(const torch::Tensor& query_positions, const torch::Tensor& key_positions,
+                                          c10::optional<int64_t> window);
+bool write_kv(const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& key_positions,
+              const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& positions, int64_t start,
+              const c10::optional<torch::Tensor>& row_starts, bool ring);
+c10::optional<std::tuple<torch::Tensor, torch::Tensor>> rotary_table(const torch::Tensor& positions,
+                                                                     const torch::Tensor& inv_freq, double scaling);
+c10::optional<std::tuple<torch::Tensor, torch::Tensor>> top_k_softmax(const torch::Tensor& logits, int64_t k);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mxfp4_linear", &mxfp4_linear, "x [..., K] f32 @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [..., O] f32");
+  m.def("mxfp4_linear", &mxfp4_linear, "x [..., K] @ MXFP4 rows [O, K/32, 16] + [O, K/32] -> [..., O]");
   m.def("mxfp4_experts", &mxfp4_experts, "tokens through their k MXFP4 experts (gate_up, SwiGLU, down), mixed");
   m.def("int8_experts", &int8_experts, "tokens through their k int8 experts (gate_up, SwiGLU, down), mixed");
-  m.def("int8_linear", &int8_linear, "x [..., K] f32 @ int8 rows [O, K] (f32/bf16 row or bf16 block scales) -> [..., O] f32");
-  m.def("decode_attention", &decode_attention, "attention with sinks for a few queries over a KV cache (decoding)");
-  m.def("rms_norm", &rms_norm, "x [..., D] f32, weight [D] -> RMSNorm of x's rows");
-  m.def("rotary", &rotary, "x [B, H, T, D] f32, cos/sin [T or B, T, D/2] -> x's heads rotated, contiguous");
-  m.def("visible_keys", &visible_keys, "positions [B, T], key positions [B, S], window -> bool [B, 1, T, S]");
+  m.def("int8_linear", &int8_linear, "x [..., K] @ int8 rows [O, K] (f32/bf16 row or bf16 block scales) -> [..., O]");
+  m.def("decode_attention", &decode_attention, "attention with sinks for a few queries over a KV cache, or None");
+  m.def("rms_norm", &rms_norm, "x [..., D] f32, weight [D] -> RMSNorm of x's rows, or None");
+  m.def("rotary", &rotary, "x [B, H, T, D] f32, cos/sin [T or B, T, D/2] -> x's heads rotated, contiguous, or None");
+  m.def("visible_keys", &visible_keys, "positions [B, T], key positions [B, S], window -> bool [B, 1, T, S], or None");
+  m.def("rotary_table", &rotary_table, "positions [...], inv_freq [D/2], scaling -> cos, sin [..., D/2] f32, or None");
+  m.def("top_k_softmax", &top_k_softmax, "logits [N, E] f32, k -> softmaxed top-k weights, indices [N, k], or None");
+  m.def("write_kv", &write_kv, "a step's keys, values [B, K, T, D] and positions [B, T] into a KV cache, or False");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
 }
