@@ -8,12 +8,12 @@ float weights.
 
 `quantize_for_decoding(model)` returns such a copy (the original is untouched; `copy=False` converts the model
 itself, which a loader that owns it does to avoid holding both): the LM head (untied from the embedding, which
-stays float32: a lookup reads one row per token), the attention projections and dense experts become int8
-(weight-only); norms, router, sinks and biases stay as they were, and so do experts already packed in MXFP4
-(ossgpt.quant.mxfp4: 4.25 bits per weight, fewer than int8's). The copy is for inference: generate with it as
-with the original (`ossgpt.inference.generate` needs no change). Its logits differ from float32's by the rounding
-of the weights (relative error ~1e-2), so greedy decoding can pick a different token where two are nearly tied.
-The float32 model is the reference the tests compare against.
+stays float32: a lookup reads one row per token), the attention projections (q, k and v stacked into one
+product: `Int8Attention`) and dense experts become int8 (weight-only); norms, router, sinks and biases stay as
+they were, and so do experts already packed in MXFP4 (ossgpt.quant.mxfp4: 4.25 bits per weight, fewer than
+int8's). The copy is for inference: generate with it as with the original (`ossgpt.inference.generate` needs no
+change). Its logits differ from float32's by the rounding of the weights (relative error ~1e-2), so greedy decoding
+can pick a different token where two are nearly tied. The float32 model is the reference the tests compare against.
 
 `quantize_for_decoding(model, dynamic=True)` also quantizes each product's *input* to int8 at run time (W8A8,
 `int8_dynamic_linear`). It adds the activation's rounding (at most half a step of 1/127 of the largest value of
