@@ -288,6 +288,27 @@ def test_lesser_instruction_sets_within_the_bounds(isa, monkeypatch):
         native_module.native.cache_clear()
 
 
+def test_tensors_on_another_device_never_build_the_kernels(monkeypatch):
+    """A model on another device (a GPU; here the meta device, which is not the CPU either) takes its torch ops without
+    the native module ever being asked for (so never built)."""
+
+    def no_build():
+        raise AssertionError("native() asked for tensors that are not on the CPU")
+
+    monkeypatch.setattr(native_module, "native", no_build)
+    meta = dict(device="meta")
+    x, positions = torch.empty(1, 2, 1, 8, **meta), torch.zeros(1, 1, dtype=torch.long, **meta)
+    assert rms_norm(x, torch.empty(8, **meta), 1e-5) is None
+    assert rotary(x, torch.empty(1, 4, **meta), torch.empty(1, 4, **meta)) is None
+    assert visible_keys(positions, positions, None) is None
+    assert rotary_table(positions, torch.empty(4, **meta), 1.0) is None
+    assert top_k_softmax(torch.empty(3, 4, **meta), 2) is None
+    assert native_module.decode_attention(x, x, x, torch.empty(2, **meta), positions.bool()[:, None, None], 1.0) is None
+    assert not native_module.write_kv(x, x, positions, x, x, positions, 0, False)
+    assert native_module.fused_experts("int8_experts", torch.empty(1, 32, **meta), None, None, (torch.empty(1, 64),),
+                                       (), 1.0, 1.0) is None  # fmt: skip
+
+
 def test_without_the_native_kernels_the_torch_ops(monkeypatch):
     """OSSGPT_NATIVE=0: every wrapper says None and the model's functions compute with torch ops alone."""
     monkeypatch.setenv("OSSGPT_NATIVE", "0")

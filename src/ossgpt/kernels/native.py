@@ -115,7 +115,8 @@ def fused_experts(kernel: str, x, indices, weights, gate_up: tuple, down: tuple,
 
 # The native calls below decide themselves whether they apply, and return None where not: not float32 on the CPU,
 # or gradients wanted (training keeps the torch ops, whose backward autograd knows). Those checks, in C++, cost a
-# fraction of what they would here, at every call of a decoding step.
+# fraction of what they would here, at every call of a decoding step. Only whether the tensors are on the CPU is
+# checked here first: a model on another device never has the kernels built.
 
 
 def decode_attention(q, k, v, sinks, visible, scale: float):
@@ -125,42 +126,42 @@ def decode_attention(q, k, v, sinks, visible, scale: float):
 
     q [B, H, 1, D], k/v [B, K, S, D] (K dividing H; views of a cache's rows and columns are fine), sinks [H],
     visible bool [B|1, 1, 1, S] -> [B, H, 1, D] float32, as `ossgpt.model.attention.eager_attention`."""
-    module = native() if q.shape[2] == 1 else None
+    module = native() if q.is_cpu and q.shape[2] == 1 else None
     return None if module is None else module.decode_attention(q, k, v, sinks, visible, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """x [..., D] float32 (contiguous), weight [D] float32 -> weight * x / sqrt(mean(x^2) + eps), x's shape
     (ossgpt.model.norms.rms_norm_reference); None where the caller should take torch's kernel."""
-    module = native()
+    module = native() if x.is_cpu else None
     return None if module is None else module.rms_norm(x, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """x [B, H, T, D] float32 (any strides but the innermost), cos/sin [T, D/2] or [B, T, D/2] -> x rotated, as
     ossgpt.model.rope.apply_rotary (contiguous); None where the caller should take its torch ops."""
-    module = native()
+    module = native() if x.is_cpu else None
     return None if module is None else module.rotary(x, cos, sin)
 
 
 def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None):
     """query_positions [B, T], key_positions [B, S] int64 -> bool [B, 1, T, S], as
     ossgpt.model.attention.allowed_keys; None where the caller should take its torch ops."""
-    module = native()
+    module = native() if query_positions.is_cpu else None
     return None if module is None else module.visible_keys(query_positions, key_positions, window)
 
 
 def rotary_table(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
     """positions [...] int64, inv_freq [D/2] float32 -> (cos, sin) [..., D/2] float32, as
     ossgpt.model.rope.RotaryEmbedding computes them; None where the caller should take its torch ops."""
-    module = native()
+    module = native() if positions.is_cpu else None
     return None if module is None else module.rotary_table(positions, inv_freq, scaling)
 
 
 def top_k_softmax(logits: torch.Tensor, k: int):
     """logits [N, E] float32 -> (weights [N, k], indices [N, k]): each row's k largest logits softmaxed, and their
     columns, as ossgpt.model.moe.Router computes them; None where the caller should take its torch ops."""
-    module = native()
+    module = native() if logits.is_cpu else None
     return None if module is None else module.top_k_softmax(logits, k)
 
 
@@ -168,7 +169,7 @@ def write_kv(keys, values, key_positions, k, v, positions, start, ring: bool) ->
     """k, v [B, K, T, D] and positions [B, T] written into a KV cache's keys, values [B, K, C, D] and key_positions
     [B, C] at columns start + t (start: an int, or a [B] tensor of each row's first column), modulo C if `ring`, as
     ossgpt.model.cache.LayerKVCache.write; False, with nothing written, where the caller should take its torch ops."""
-    module = native()
+    module = native() if keys.is_cpu else None
     if module is None:
         return False
     per_row = isinstance(start, torch.Tensor)
