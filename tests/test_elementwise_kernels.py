@@ -320,7 +320,12 @@ def test_without_the_native_kernels_the_torch_ops(monkeypatch):
         assert rms_norm(x, torch.ones(8), 1e-5) is None
         assert rotary(x, cos, sin) is None
         assert visible_keys(positions, positions, None) is None
+        assert rotary_table(positions, torch.rand(4), 1.0) is None and top_k_softmax(torch.rand(3, 4), 2) is None
+        cache = LayerKVCache(1, 2, 8, capacity=4, ring=False, device="cpu", dtype=torch.float32)
+        assert not native_module.write_kv(cache.keys, cache.values, cache.positions, x, x, positions, 0, False)
         with torch.no_grad():
+            keys, _, key_positions = cache.update(x, x, positions, 0)  # through the torch index
+            assert torch.equal(keys, x) and torch.equal(key_positions, positions)
             exact, bound = rotary_exact_and_bound(x, cos, sin)
             assert ((apply_rotary(x, cos, sin).double() - exact).abs() <= bound).all()
             assert torch.equal(allowed_keys(positions, positions, 2), allowed_keys_reference(positions, positions, 2))
