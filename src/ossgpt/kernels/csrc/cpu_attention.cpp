@@ -96,19 +96,27 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// One query through the attention: query [D] over the keys and values in slots slot[0..n) of a cache (rows
-// key_stride / value_stride apart), with the sink's logit -> out [D]. scratch holds n floats.
+// The attention of one key/value head's G queries (a decoding step's heads h = kv * G .. kv * G + G - 1, which see
+// the same keys), in three passes:
+//   scores    of every query with every visible key (slots slot[0..n) of the cache, rows key_stride apart);
+//   softmax   of each query's scores, its sink in the denominator only, in place: the weights;
+//   values    each query's weighted sum of the values (rows value_stride apart), then times 1 / (its total weight).
+// The scores and values passes go kKeysPerPass keys at a time for all G queries, so that those keys' rows, read from
+// memory once, serve the G queries from L1: one query after another over all the keys would read a long context's
+// keys and values G times from memory or L3. Each query's arithmetic is the same as alone, in the same order.
+constexpr int64_t kKeysPerPass = 64;  // 16 KB of keys (and of values) at gpt-oss's head size: in L1
+
+// The scores of keys j0 .. j1 - 1 with one query, scale * q . k, into scores[j0 .. j1 - 1]. j0 is a multiple of 8.
 // kD: the head size when known at compile time (gpt-oss's 64), so that the sums stay in registers; 0: D at run time.
 template <int64_t kD>
-void attend(const float* query, const float* keys, int64_t key_stride, const float* values, int64_t value_stride,
-            const int64_t* slot, int64_t n, int64_t D_, float scale, float sink, float* scratch, float* out) {
+void score_keys(const float* query, const float* keys, int64_t key_stride, const int64_t* slot, int64_t j0,
+                int64_t j1, int64_t D_, float scale, float* scores) {
   static_assert(kD % 16 == 0, "a head size known at compile time is a whole number of vector pairs");
   constexpr int64_t kChunks = kD / 8;
   const int64_t D = kD > 0 ? kD : D_;
-  // Scores. Known D: eight keys at a time, each a vector of partial sums, reduced together (lane_sums).
-  // Else four keys at a time. Either way independent sums, where one dot product after another would wait on each
-  // sum's additions in turn.
-  int64_t j = 0;
+  // Known D: eight keys at a time, each a vector of partial sums, reduced together (lane_sums). Else four keys at a
+  // time. Either way independent sums, where one dot product after another would wait on each sum's additions.
+  int64_t j = j0;
   if constexpr (kD > 0) {
     Vec q[kChunks];
     for (int64_t c = 0; c < kChunks; ++c) q[c] = load(query + 8 * c);
@@ -121,18 +129,18 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
       }
       return a + b;
     };
-    for (; j + 8 <= n; j += 8) {
-      store(scratch + j, scale * lane_sums(partial(j), partial(j + 1), partial(j + 2), partial(j + 3),
-                                           partial(j + 4), partial(j + 5), partial(j + 6), partial(j + 7)));
+    for (; j + 8 <= j1; j += 8) {
+      store(scores + j, scale * lane_sums(partial(j), partial(j + 1), partial(j + 2), partial(j + 3),
+                                          partial(j + 4), partial(j + 5), partial(j + 6), partial(j + 7)));
     }
-    for (; j < n; ++j) {
+    for (; j < j1; ++j) {
       const Vec p = partial(j);
       float sum = 0.f;
       for (int l = 0; l < 8; ++l) sum += p[l];
-      scratch[j] = scale * sum;
+      scores[j] = scale * sum;
     }
   } else {
-    for (; j + 4 <= n; j += 4) {
+    for (; j + 4 <= j1; j += 4) {
       const float* k0 = keys + slot[j] * key_stride;
       const float* k1 = keys + slot[j + 1] * key_stride;
       const float* k2 = keys + slot[j + 2] * key_stride;
@@ -145,44 +153,78 @@ void attend(const float* query, const float* keys, int64_t key_stride, const flo
         s2 += query[d] * k2[d];
         s3 += query[d] * k3[d];
       }
-      scratch[j] = scale * s0, scratch[j + 1] = scale * s1, scratch[j + 2] = scale * s2, scratch[j + 3] = scale * s3;
+      scores[j] = scale * s0, scores[j + 1] = scale * s1, scores[j + 2] = scale * s2, scores[j + 3] = scale * s3;
     }
-    for (; j < n; ++j) {
+    for (; j < j1; ++j) {
       const float* k0 = keys + slot[j] * key_stride;
       float s0 = 0.f;
 #pragma omp simd reduction(+ : s0)
       for (int64_t d = 0; d < D; ++d) s0 += query[d] * k0[d];
-      scratch[j] = scale * s0;
+      scores[j] = scale * s0;
     }
   }
-  const float m = max_of(scratch, n, sink);
-  // Softmax weights, the sink in the denominator only.
+}
+
+// n scores -> their softmax numerators e^(score - m) in place, m the largest of them and the sink; returns 1 / the
+// denominator, which counts the sink's e^(sink - m) too.
+float softmax_weights(float* scores, int64_t n, float sink) {
+  const float m = max_of(scores, n, sink);
   float total = exp_nonpositive(sink - m);
 #pragma omp simd reduction(+ : total)
-  for (j = 0; j < n; ++j) {
-    scratch[j] = exp_nonpositive(scratch[j] - m);
-    total += scratch[j];
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = exp_nonpositive(scores[j] - m);
+    total += scores[j];
   }
-  const float inv = 1.f / total;
-  if constexpr (kD > 0) {  // the weighted values, D / 8 independent sums held in registers
-    Vec sum[kChunks] = {};
-    for (j = 0; j < n; ++j) {
+  return 1.f / total;
+}
+
+// sum [D] += the values of keys j0 .. j1 - 1, each times its weight, in key order.
+template <int64_t kD>
+void add_values(const float* weights, const float* values, int64_t value_stride, const int64_t* slot, int64_t j0,
+                int64_t j1, int64_t D_, float* sum) {
+  constexpr int64_t kChunks = kD / 8;
+  const int64_t D = kD > 0 ? kD : D_;
+  if constexpr (kD > 0) {  // D / 8 independent sums held in registers
+    Vec acc[kChunks];
+    for (int64_t c = 0; c < kChunks; ++c) acc[c] = load(sum + 8 * c);
+    for (int64_t j = j0; j < j1; ++j) {
       const float* value = values + slot[j] * value_stride;
-      const float p = scratch[j];
-      for (int64_t c = 0; c < kChunks; ++c) sum[c] += p * load(value + 8 * c);
+      const float p = weights[j];
+      for (int64_t c = 0; c < kChunks; ++c) acc[c] += p * load(value + 8 * c);
     }
-    for (int64_t c = 0; c < kChunks; ++c) store(out + 8 * c, sum[c] * inv);
+    for (int64_t c = 0; c < kChunks; ++c) store(sum + 8 * c, acc[c]);
   } else {
-    std::fill(out, out + D, 0.f);
-    for (j = 0; j < n; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const float* value = values + slot[j] * value_stride;
-      const float p = scratch[j];
+      const float p = weights[j];
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] += p * value[d];
+      for (int64_t d = 0; d < D; ++d) sum[d] += p * value[d];
     }
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   }
+}
+
+// The G queries (rows query_stride apart) of one key/value head through the attention -> out (rows out_stride
+// apart). sinks [G]; scratch holds G * n + G floats.
+template <int64_t kD>
+void attend(const float* query, int64_t query_stride, int64_t G, const float* keys, int64_t key_stride,
+            const float* values, int64_t value_stride, const int64_t* slot, int64_t n, int64_t D, float scale,
+            const float* sinks, float* scratch, float* out, int64_t out_stride) {
+  float* inv = scratch + G * n;
+  for (int64_t j0 = 0; j0 < n; j0 += kKeysPerPass)
+    for (int64_t g = 0; g < G; ++g)
+      score_keys<kD>(query + g * query_stride, keys, key_stride, slot, j0, std::min(j0 + kKeysPerPass, n), D, scale,
+                     scratch + g * n);
+  for (int64_t g = 0; g < G; ++g) {
+    inv[g] = softmax_weights(scratch + g * n, n, sinks[g]);
+    std::fill(out + g * out_stride, out + g * out_stride + D, 0.f);
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += kKeysPerPass)
+    for (int64_t g = 0; g < G; ++g)
+      add_values<kD>(scratch + g * n, values, value_stride, slot, j0, std::min(j0 + kKeysPerPass, n), D,
+                     out + g * out_stride);
+  for (int64_t g = 0; g < G; ++g)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[g * out_stride + d] *= inv[g];
 }
 
 }  // namespace
@@ -219,13 +261,13 @@ c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torc
   float* op = out.data_ptr<float>();
   const int64_t G = H / K, mask_rows = visible.size(0);
   const float fscale = static_cast<float>(scale);
-  const auto one = D == 64 ? attend<64> : attend<0>;
+  const auto group = D == 64 ? attend<64> : attend<0>;
   // A unit of work is one (b, t) and one key/value head: its G query heads see the same keys. ~4 G S D flops:
   // enough units go to a thread that its share is worth starting.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, G * S * D));
   at::parallel_for(0, B * T * K, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(S);  // the visible keys' scores, then their softmax weights
-    std::vector<int64_t> slot(S);   // ... and the cache slots they are in
+    std::vector<float> scratch(G * S + G);  // the G queries' scores of the visible keys, then their weights
+    std::vector<int64_t> slot(S);           // ... and the cache slots those keys are in
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t kv = unit % K, t = (unit / K) % T, b = unit / (K * T);
       const bool* seen = mp + ((mask_rows == 1 ? 0 : b) * T + t) * S;
@@ -233,16 +275,14 @@ c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torc
       for (int64_t s = 0; s < S; ++s) {
         if (seen[s]) slot[n++] = s;
       }
-      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
-        float* o = op + ((b * H + h) * T + t) * D;
-        if (n == 0) {  // all the weight is on the sink, which has no value
-          std::fill(o, o + D, 0.f);
-          continue;
-        }
-        one(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), kp + b * k.stride(0) + kv * k.stride(1),
-            k.stride(2), vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), slot.data(), n, D, fscale, sp[h],
-            scratch.data(), o);
+      float* o = op + ((b * H + kv * G) * T + t) * D;  // head kv * G's output; the next heads' T * D apart
+      if (n == 0) {  // all the weight is on the sinks, which have no value
+        for (int64_t g = 0; g < G; ++g) std::fill(o + g * T * D, o + g * T * D + D, 0.f);
+        continue;
       }
+      group(qp + b * q.stride(0) + kv * G * q.stride(1) + t * q.stride(2), q.stride(1), G,
+            kp + b * k.stride(0) + kv * k.stride(1), k.stride(2), vp + b * v.stride(0) + kv * v.stride(1),
+            v.stride(2), slot.data(), n, D, fscale, sp + kv * G, scratch.data(), o, T * D);
     }
   });
   return out;
