@@ -18,15 +18,16 @@
   argmax     1,000 greedy picks from one decoded token's logits over the mini preset's 100,352-token vocabulary:
              ossgpt.inference.sampling.greedy (numpy's argmax on the CPU) vs torch.argmax
   decode-attention  1,000 decoding steps' attention (one query per row over a KV cache, with sinks) at the mini
-             preset's heads (8 query heads, 2 key/value heads, 80 cached keys) and 100 at gpt-oss-20b's (64 and 8,
-             640 keys): sdpa_attention (one native call, csrc/cpu_attention.cpp) vs the path it took before, the
-             additive mask, torch's CPU flash kernel and the sink's rescaling
+             preset's heads (8 query heads, 2 key/value heads, 80 cached keys), 100 at gpt-oss-20b's (64 and 8,
+             640 keys) and 10 over 16,384 keys: sdpa_attention (one native call, csrc/cpu_attention.cpp) vs the path
+             it took before, the additive mask, torch's CPU flash kernel and the sink's rescaling
   expert-loop  the same projection at 32 experts ([4096, 512] x [32, 512, 1536], the MoE row of bench/run.py):
              the per-expert addmm loop as ossgpt's autograd Function (products written into preallocated
              outputs and gradients) vs the same loop left to autograd (split, addmm, cat)
 
     python bench/step_parts.py             # docs/recipe.md, round 3, quotes its table
     python bench/step_parts.py --quick     # smoke run on small shapes
+    python bench/step_parts.py --only decode-attention   # the rows whose name contains that
 Rounds alternate which side goes first; each row reports medians in milliseconds and their ratio.
 """
 
@@ -180,6 +181,10 @@ def workloads(quick: bool) -> dict:
             decode_attention(sdpa_attention, 64, 8, 640, 100),
             decode_attention(flash_with_sinks, 64, 8, 640, 100),
         ),
+        "decode-attention (gpt-oss-20b, 16,384 keys)": (
+            decode_attention(sdpa_attention, 64, 8, 16_384, 10),
+            decode_attention(flash_with_sinks, 64, 8, 16_384, 10),
+        ),
         "argmax": (picks(greedy), picks(lambda t: t.argmax(dim=-1))),
         "swiglu": (swiglu(lambda t: clamped_swiglu(t, ALPHA, LIMIT)), swiglu(sliced_swiglu)),
         "rmsnorm": (rmsnorm(norm), rmsnorm(lambda t: rms_norm_reference(t, norm.weight, norm.eps))),
@@ -198,9 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 rounds: checks the script works")
     parser.add_argument("--rounds", type=int, default=0, help="alternating rounds (default 9, quick 2)")
+    parser.add_argument("--only", default="", help="the rows whose name contains this (e.g. decode-attention)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 9)
-    work = workloads(args.quick)
+    work = {name: pair for name, pair in workloads(args.quick).items() if args.only in name}
+    if not work:
+        raise SystemExit(f"no row's name contains {args.only!r}")
     samples = {name: ([], []) for name in work}
     for pair in work.values():  # warm-up
         pair[0](), pair[1]()
