@@ -9,8 +9,9 @@
 //     l       = e^(sink_h - m) + sum_s e^(score_s - m)          the sink joins the softmax's denominator ...
 //     out     = sum_s e^(score_s - m) v_s / l                   ... but has no value: it only soaks up weight
 //
-// in float32. Each (b, t, h) is computed alone, in the same order whatever the batch, so a row's output does not
-// depend on the rows decoded beside it. Rows with no visible key (left padding) get zeros, as the reference does.
+// in float32. Each (b, t, h) is computed with the same operations in the same order whatever the batch (a key/value
+// head's queries share their passes over the keys, not their sums), so a row's output does not depend on the rows
+// decoded beside it. Rows with no visible key (left padding) get zeros, as the reference does.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
