@@ -27,6 +27,7 @@ Only rank 0 writes. Every process checks the inputs, so that a bad one stops the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import shutil
@@ -65,13 +66,21 @@ def train(config: TrainConfig, trainer_class: type[Trainer] | None = None) -> di
     trainer_class: Trainer (pretraining, the default) or a subclass (training.sft.SFTTrainer)."""
     ctx = distributed.setup(config.distributed, config.device)
     try:
-        trainer = (trainer_class or Trainer)(config, ctx)
-        try:
-            return trainer.run()
-        finally:
-            trainer.logger.close()
+        return _run(config, ctx, trainer_class)
     finally:
+        # The trainer and its model (sharded over the process group, which it references) are gone by now: collect
+        # them, so that the group ends here, with the interpreter alive, and not in whatever order its exit frees
+        # what is left.
+        gc.collect()
         distributed.teardown()
+
+
+def _run(config: TrainConfig, ctx, trainer_class: type[Trainer] | None) -> dict:
+    trainer = (trainer_class or Trainer)(config, ctx)
+    try:
+        return trainer.run()
+    finally:
+        trainer.logger.close()
 
 
 class Trainer:
