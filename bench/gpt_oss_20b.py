@@ -23,9 +23,9 @@ RSS is its own (`os.wait4`). ossgpt's side loads the checkpoint the way `ossgpt 
   load        from_pretrained + the CPU decoding transforms, page cache warm (a first untimed load warms it)
   prefill     one forward over a --prompt-tokens prompt (the cache filled), tokens/s
   decode      --new-tokens greedy tokens after it, tokens/s
-The bound: bytes each decoded token must read (`decode_bytes`) over the GEMV bandwidth measured in the same run
-(a float32 matrix-vector product over a 1 GiB matrix). "bf16-equivalent" counts the active weights at 2 bytes
-each, what a bfloat16 model (or llama.cpp's bf16 conversion, whose experts are MXFP4) would read.
+The bound: bytes each decoded token must read (`decode_bytes`) over the memory bandwidth measured in the same run
+(the better of a float32 matrix-vector product and a sum over a 1 GiB matrix). "bf16-equivalent" counts the active
+weights at 2 bytes each, what a bfloat16 model (or llama.cpp's bf16 conversion, whose experts are MXFP4) would read.
 
 llama.cpp is not built or downloaded by this script: pass its `llama-bench` binary and a GGUF converted from
 the same checkpoint (`--llama-bench`, `--gguf`); its prompt and generation runs use the same token counts and
@@ -182,15 +182,16 @@ def warm_page_cache(paths: list[Path]) -> None:
 
 
 def gemv_bandwidth(threads: int) -> float:
-    """Bytes/s of a float32 matrix-vector product over a 1 GiB matrix (larger than any cache): the machine's
-    memory bandwidth as a decoding step sees it. Best of 5."""
+    """Bytes/s of reading a 1 GiB float32 matrix (larger than any cache): the machine's memory bandwidth as a
+    decoding step sees it, the best of 5 float32 matrix-vector products and 5 sums over it. Both, because MKL's
+    GEMV does not stream at the full rate on every CPU (an AMD EPYC's, in BENCHMARKS.md)."""
     torch.set_num_threads(threads)
     w = torch.randn(1 << 16, 1 << 12)
     x = torch.randn(1 << 12)
     best = float("inf")
-    for _ in range(6):
+    for fn in [lambda: torch.mv(w, x)] * 6 + [w.sum] * 6:  # the first call of each warms up
         start = time.perf_counter()
-        torch.mv(w, x)
+        fn()
         best = min(best, time.perf_counter() - start)
     return w.numel() * 4 / best
 
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         print(lora_memory_table())
         return
     if args.kernels:
-        print(f"CPU: {machine()}; float32 GEMV bandwidth {gemv_bandwidth(args.threads) / 1e9:.1f} GB/s\n")
+        print(f"CPU: {machine()}; memory bandwidth {gemv_bandwidth(args.threads) / 1e9:.1f} GB/s\n")
         print(
             "| kernel | x [1, 2880]: in L2, 1 thread (G weights/s) | x [1, 2880]: streamed, 640 MB (GB/s) "
             "| x [64, 2880]: in L2, 1 thread (G products/s) |\n| --- | ---: | ---: | ---: |"
@@ -580,9 +581,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "--batch compares ossgpt with itself (llama-bench decodes one sequence); leave out --llama-bench"
         )
-    warm_page_cache(sorted(directory.glob("**/*.safetensors")) + ([args.gguf] if args.gguf else []))
+    # Each side's files are read just before it runs: both together (27.6 GB at full size) need more than 24 GB of
+    # page cache, and the second file read would push the first one out of it.
+    warm_page_cache(sorted(directory.glob("**/*.safetensors")))
     bandwidth = gemv_bandwidth(args.threads)
     ours = measure_ossgpt(args, directory)
+    if args.llama_bench:
+        warm_page_cache([args.gguf])
     llama = measure_llama(args) if args.llama_bench else None
     bandwidth = max(bandwidth, gemv_bandwidth(args.threads))  # measured before and after: the better of the two
 
@@ -593,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     layout = "original" if args.original else "Hugging Face"
     print(f"CPU: {machine()}; {args.threads} threads; {args.layers} layers, {layout} layout; "
           f"{args.batch} prompt(s) of {args.prompt_tokens} tokens, "
-          f"then {args.new_tokens} greedy tokens; float32 GEMV bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+          f"then {args.new_tokens} greedy tokens; memory bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print(f"ossgpt weights: {ours['weights']}\n")
     print(
         "| side | load (s) | peak RSS (GB) | prefill (tok/s) | decode (tok/s) | bytes read per token | "

@@ -509,8 +509,9 @@ def test_two_fsdp_processes_match_one(tmp_path, tokenizer, chats, fake_vocab):
     base = tmp_path / "base"
     tiny_model(tokenizer, router_aux_loss_coef=0.0).save_pretrained(base)
     tokenizer.save(base)
+    # float32: the runs must agree to float32 rounding (--dtype auto is bfloat16 on a CPU with native bfloat16 matmuls)
     flags = sft_argv(base, chats, tmp_path / "one", fake_vocab, "--max-steps", "3", "--eval-every", "3",
-                     "--grad-accum-steps", "2", "--batch-size", "4")[1:]  # fmt: skip
+                     "--grad-accum-steps", "2", "--batch-size", "4", "--dtype", "float32")[1:]  # fmt: skip
     assert main(["sft", *flags]) == 0
     out = flags.index("--out") + 1
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ossgpt",

@@ -19,6 +19,7 @@ import ossgpt
 from ossgpt import GPTOSSConfig, GPTOSSForCausalLM
 from ossgpt.checkpoint import from_pretrained
 from ossgpt.cli import main
+from ossgpt.devices import native_bfloat16, resolve_dtype
 from ossgpt.errors import UserError
 from ossgpt.inference.loading import load_model_and_tokenizer
 from ossgpt.model import GPTOSS
@@ -228,6 +229,25 @@ def test_every_config_field_is_a_documented_flag(capsys):
     assert "(default: 5000; tiny: 400)" in text
 
 
+@pytest.mark.parametrize("bf16, amx, capability, expected", [
+    (True, False, "AVX512", "bfloat16"),   # AVX512-BF16 (e.g. AMD Zen 4): bfloat16 matmuls faster than float32
+    (False, True, "AVX512", "bfloat16"),   # AMX
+    (False, False, "AVX512", "float32"),   # AVX-512 without either: bfloat16 emulated
+    (True, False, "AVX2", "float32"),      # torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2): emulated again
+])  # fmt: skip
+def test_auto_compute_dtype_on_cpu_follows_native_bfloat16(monkeypatch, bf16, amx, capability, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, autocast=True) == expected
+    assert resolve_dtype(None, cpu, autocast=True) == expected
+    assert resolve_dtype("auto", cpu) == "float32"  # weights held for inference stay float32 on any CPU
+    assert resolve_dtype("float32", cpu, autocast=True) == "float32"  # a named dtype is taken as named
+    with pytest.raises(UserError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", cpu, autocast=True)
+
+
 # --- a run ------------------------------------------------------------------------------------------------------------
 def test_run_writes_its_records_and_a_loadable_checkpoint(tmp_path, data):
     run = tmp_path / "run"
@@ -248,7 +268,8 @@ def test_run_writes_its_records_and_a_loadable_checkpoint(tmp_path, data):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recorded = json.loads((run / "train_config.json").read_text())
     assert recorded["data"] == str(data.resolve()) and recorded["model"]["hidden_size"] == 32
-    assert recorded["max_steps"] == 4 and recorded["batch_size"] == 4 and recorded["dtype"] == "float32"
+    assert recorded["max_steps"] == 4 and recorded["batch_size"] == 4
+    assert recorded["dtype"] == ("bfloat16" if native_bfloat16() else "float32")  # --dtype auto on this CPU
     log = (run / "train.log").read_text()
     assert f"ossgpt {ossgpt.__version__}" in log.splitlines()[0]
     assert "torch " + torch.__version__ in log and "machine:" in log

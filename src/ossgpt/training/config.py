@@ -102,8 +102,9 @@ class TrainConfig:
     # --- numerics, speed, parallelism --------------------------------------------------------------------------------
     dtype: str = _option(
         "auto",
-        f"compute dtype under autocast (auto, {', '.join(DTYPES)}; auto: bfloat16 on a CUDA GPU that supports it, "
-        "else float32); weights and optimizer state stay float32",
+        f"compute dtype under autocast (auto, {', '.join(DTYPES)}; auto: bfloat16 on a CUDA GPU that supports it "
+        "and on a CPU with native bfloat16 matmuls (AVX512-BF16 or AMX), else float32); weights and optimizer state "
+        "stay float32",
         metavar="DTYPE",
     )
     compile: bool = _option(False, "torch.compile each transformer block (falls back to eager if compiling fails)")

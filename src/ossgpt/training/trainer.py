@@ -95,7 +95,7 @@ class Trainer:
             config,
             data=str(Path(config.data).resolve()),  # `ossgpt eval` finds the data from train_config.json
             out=str(Path(config.out).resolve()),
-            dtype=resolve_dtype(config.dtype, ctx.device),
+            dtype=resolve_dtype(config.dtype, ctx.device, autocast=True),
             device=ctx.device.type,
         )
         self.config, self.ctx = config, ctx
