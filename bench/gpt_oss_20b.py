@@ -20,7 +20,7 @@ ones do: every token reads the same bytes (its 4 experts of 32 per layer, attent
 
 Each side runs in a process of its own, one after the other, at --threads intra-op threads, so that its peak
 RSS is its own (`os.wait4`). ossgpt's side loads the checkpoint the way `ossgpt generate` does, then times:
-  load        from_pretrained + the CPU decoding transforms, page cache warm (a first untimed load warms it)
+  load        from_pretrained + the CPU decoding transforms, page cache warm (its files read just before)
   prefill     one forward over a --prompt-tokens prompt (the cache filled), tokens/s
   decode      --new-tokens greedy tokens after it, tokens/s
 The bound: bytes each decoded token must read (`decode_bytes`) over the memory bandwidth measured in the same run
@@ -173,8 +173,13 @@ def ensure_checkpoint(cache: Path, layers: int, original: bool = False) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ measurements
-def warm_page_cache(paths: list[Path]) -> None:
-    """Read files once so that both sides load from the page cache (what "load, warm" means)."""
+def warm_page_cache(paths: list[Path], others: list[Path] = ()) -> None:
+    """Read files once so that a side loads from the page cache (what "load, warm" means), after asking the kernel
+    to drop `others` (the other side's files) from it: pages read twice, as the other side's were (warmed, then
+    loaded), sit on the kernel's active list, and files read once since would be the first ones evicted."""
+    for path in others:
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     for path in paths:
         with open(path, "rb") as f:
             while f.read(64 << 20):
@@ -583,11 +588,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     # Each side's files are read just before it runs: both together (27.6 GB at full size) need more than 24 GB of
     # page cache, and the second file read would push the first one out of it.
-    warm_page_cache(sorted(directory.glob("**/*.safetensors")))
+    checkpoint, gguf = sorted(directory.glob("**/*.safetensors")), [args.gguf] if args.gguf else []
+    warm_page_cache(checkpoint, others=gguf)
     bandwidth = gemv_bandwidth(args.threads)
     ours = measure_ossgpt(args, directory)
     if args.llama_bench:
-        warm_page_cache([args.gguf])
+        warm_page_cache(gguf, others=checkpoint)
     llama = measure_llama(args) if args.llama_bench else None
     bandwidth = max(bandwidth, gemv_bandwidth(args.threads))  # measured before and after: the better of the two
 
