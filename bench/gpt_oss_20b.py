@@ -301,13 +301,15 @@ def measure_lora(args, directory: Path) -> dict:
     creates only after its backward pass, in the peak.
 
     How `ossgpt sft` holds the base (training.sft.hold_frozen_base): the embedding and the LM head in bfloat16 as
-    stored (mapped from the checkpoint's file, their touched pages counted in RSS), the rest in float32; the packed
-    experts in process memory. Freed blocks of 1 MiB and more go back to the system at once (training.host_memory)."""
+    stored (mapped from the checkpoint's file, their touched pages counted in RSS), the rest in float32 (where it
+    computes in bfloat16, the linear layers' weights stay bfloat16 as stored); the packed experts in process memory.
+    Freed blocks of 1 MiB and more go back to the system at once (training.host_memory)."""
     run = args.cache / f"sft-bench-{args.layers}L"
     command = [sys.executable, "-m", "ossgpt", "sft", "--checkpoint", str(directory),
                "--data", str(sft_data(args.cache / "sft-bench.jsonl")), "--out", str(run), "--force",
                "--max-steps", str(args.lora_steps), "--batch-size", "1", "--seq-len", str(args.lora_tokens),
-               "--eval-every", "1000000", "--save-every", "1000000", "--gradient-checkpointing"]  # fmt: skip
+               "--eval-every", "1000000", "--save-every", "1000000", "--gradient-checkpointing",
+               "--dtype", args.lora_dtype]  # fmt: skip
     _, rss = run_child(command)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [row for row in rows if "tokens_per_sec" in row][-1]
@@ -532,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", action="store_true", help="time LoRA fine-tuning steps (ossgpt sft) and stop")
     parser.add_argument("--lora-tokens", type=int, default=1024, help="with --lora: tokens per step (default: 1024)")
     parser.add_argument("--lora-steps", type=int, default=2, help="with --lora: steps; the last one is timed")
+    parser.add_argument("--lora-dtype", default="auto", help="with --lora: `ossgpt sft --dtype` (auto: its default)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:

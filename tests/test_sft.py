@@ -409,6 +409,36 @@ def test_lora_on_a_packed_base_keeps_its_experts_packed(tmp_path, tokenizer, fak
     assert "times the size of the fine-tuning's update" in capsys.readouterr().out
 
 
+def test_a_base_held_for_bfloat16_autocast_keeps_its_stored_matrices_and_trains_the_same(tokenizer):
+    """hold_frozen_base(matrices=bfloat16), as `ossgpt sft` holds a bfloat16 base when it computes in bfloat16: the
+    linear layers' weights stay bfloat16 as stored (half the memory), and under bfloat16 autocast the loss and the
+    adapters' gradients are exactly those of the base held in float32, whose weights autocast rounds to the same
+    bfloat16 values for every product."""
+    narrow = tiny_model(tokenizer).to(torch.bfloat16)
+    wide = copy.deepcopy(narrow)
+    hold_frozen_base(narrow, matrices=torch.bfloat16)
+    hold_frozen_base(wide)
+    linear = {name for name, mod in narrow.named_modules() if type(mod) is torch.nn.Linear and name != "lm_head"}
+    assert linear and all(narrow.get_submodule(name).weight.dtype == torch.bfloat16 for name in linear)
+    assert all(wide.get_submodule(name).weight.dtype == torch.float32 for name in linear)
+    rest = [p for name, p in narrow.named_parameters()
+            if name.rsplit(".", 1)[0] not in linear and not name.startswith(("embed_tokens.", "lm_head."))]  # fmt: skip
+    assert rest and all(p.dtype == torch.float32 for p in rest)
+    results = []
+    for model in (narrow, wide):
+        add_lora(model, LoRAConfig(rank=2))
+        with torch.no_grad():
+            for _, param in lora_parameters(model):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.train()(IDS, labels=IDS, return_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), [param.grad for _, param in lora_parameters(model)]))
+    (loss, grads), (wide_loss, wide_grads) = results
+    assert torch.equal(loss, wide_loss)
+    assert all(torch.equal(grad, wide_grad) for grad, wide_grad in zip(grads, wide_grads, strict=True))
+
+
 @pytest.mark.parametrize("tokens", [(3, 300), ()], ids=["token rows", "no token rows"])
 def test_a_held_base_keeps_its_table_and_head_narrow_and_trains_as_in_float32(tokenizer, tokens):
     """hold_frozen_base on a bfloat16 base with an untied head: the embedding table and the LM head stay bfloat16,

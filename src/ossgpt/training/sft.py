@@ -256,7 +256,7 @@ class SFTTrainer(Trainer):
                                    options=options).train()  # fmt: skip
         # Packed experts stay packed: the expert adapters train through them (ossgpt.lora.packed).
         model = from_pretrained(base, device=device, options=options, keep_mxfp4=detect_format(base).mxfp4, dtype=None)
-        hold_frozen_base(model)
+        hold_frozen_base(model, matrices=torch.bfloat16 if config.dtype == "bfloat16" else None)
         if resumed:
             try:
                 load_adapters(model, checkpoint_dir(self.run_dir))
@@ -305,20 +305,30 @@ class SFTTrainer(Trainer):
 
 
 @torch.no_grad()
-def hold_frozen_base(model: GPTOSS, dtype: torch.dtype = torch.float32) -> None:
+def hold_frozen_base(model: GPTOSS, dtype: torch.dtype = torch.float32, matrices: torch.dtype | None = None) -> None:
     """Hold a frozen base, loaded in its stored dtype, for LoRA training: its float weights in `dtype` (what the
-    trainer computes in; its autocast narrows products itself), except an embedding table and an LM head that are
-    two tensors: both keep their stored dtype (bfloat16 for gpt-oss: 1.2 GB each less than float32 for
-    gpt-oss-20b). A lookup reads one row per token, each row widened (`StoredEmbedding`); the chunked loss widens the
-    head a slice of rows at a time (`StoredLinear`, ossgpt.kernels.loss). Packed MXFP4 experts stay as they are.
+    trainer computes in; its autocast narrows products itself), with two exceptions.
+
+    The weights of its linear layers (attention projections, router) stored in `matrices` (where given: the trainer's
+    autocast dtype) stay as stored: autocast would round them to it for every product anyway, so the products are
+    the same, in half the memory and with no cast per product (published gpt-oss checkpoints store them in bfloat16).
+    An embedding table and an LM head that are two tensors both keep their stored dtype (bfloat16 for gpt-oss: 1.2 GB
+    each less than float32 for gpt-oss-20b). A lookup reads one row per token, each row widened (`StoredEmbedding`);
+    the chunked loss widens the head a slice of rows at a time (`StoredLinear`, ossgpt.kernels.loss). Packed MXFP4
+    experts stay as they are.
 
     The chunked loss's logits buffer ([chunk, vocab] float32, 0.4 GB for gpt-oss-20b) is not kept from one step to
     the next (no `loss_workspace`): kept, it would sit through every backward pass, to spare paging it in once a
     step."""
     untied = model.embed_tokens.weight is not model.lm_head.weight
+    linears = [
+        module for name, module in model.named_modules() if type(module) is torch.nn.Linear and name != "lm_head"
+    ]
+    as_stored = {id(module.weight) for module in linears if module.weight.dtype == matrices}
     for name, param in model.named_parameters():
         if param.is_floating_point() and not (untied and name.startswith(("embed_tokens.", "lm_head."))):
-            param.data = param.data.to(dtype)
+            if id(param) not in as_stored:
+                param.data = param.data.to(dtype)
     if untied:
         model.embed_tokens = StoredEmbedding(model.embed_tokens, dtype)
         model.lm_head = StoredLinear(model.lm_head, dtype)
