@@ -6,7 +6,8 @@ memory-bandwidth bound and (optionally) llama.cpp run side by side.
     python bench/gpt_oss_20b.py --llama-bench ~/llama.cpp/build/bin/llama-bench --gguf gpt-oss-20b.gguf
     python bench/gpt_oss_20b.py --original              # the same weights in OpenAI's original/ layout
     python bench/gpt_oss_20b.py --batch 4 --prompt-tokens 64   # 4 prompts decoded together (tokens/s over all)
-    python bench/gpt_oss_20b.py --kernels               # the native products alone: in cache, and streamed
+    python bench/gpt_oss_20b.py --kernels               # the native products alone (in cache, and streamed),
+                                                        # and MXFP4 dequantization against the pure-PyTorch one
     python bench/gpt_oss_20b.py --parts                 # where a decoded token's time goes
     python bench/gpt_oss_20b.py --layers 2 --accuracy   # the int8 path's logits against float32
     python bench/gpt_oss_20b.py --memory-table          # weights and KV cache of gpt-oss-20b and -120b, on paper
@@ -41,6 +42,7 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -348,6 +350,33 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs ({isa}), torch {torch.__version__}"
 
 
+def dequantize_rates(threads: int) -> list[tuple[str, float, float]]:
+    """(dtype, native, reference): G values/s on `threads` threads dequantizing an expert's gate_up projection
+    ([5760, 2880] from MXFP4, into a buffer reused, as LoRA training does three times per expert and step) with the
+    native kernel and with the pure-PyTorch lookup, side by side."""
+    from unittest import mock
+
+    from ossgpt.kernels.mxfp4 import dequantize
+
+    torch.set_num_threads(threads)
+    blocks = torch.randint(0, 256, (5760, 90, 16), dtype=torch.uint8)
+    scales = torch.randint(110, 130, (5760, 90), dtype=torch.uint8)
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(5760, 2880, dtype=dtype)
+        best = {}
+        for side in ("native", "reference", "native", "reference"):  # alternating, best of each
+            with mock.patch("ossgpt.kernels.mxfp4.native", return_value=None) if side == "reference" else nullcontext():
+                dequantize(blocks, scales, dtype, out=out)
+                start = time.perf_counter()
+                for _ in range(5):
+                    dequantize(blocks, scales, dtype, out=out)
+                best[side] = min(best.get(side, float("inf")), (time.perf_counter() - start) / 5)
+        name = str(dtype).removeprefix("torch.")
+        rates.append((name, *(out.numel() / best[side] / 1e9 for side in ("native", "reference"))))
+    return rates
+
+
 def kernel_rates(threads: int) -> list[tuple[str, float, float, float]]:
     """(kernel, hot, streamed, prompt) for the native products, as the model calls them:
       hot       one token (x [1, 2880]), in G weights/s on one thread, the weights in L2;
@@ -552,6 +581,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         for name, hot, streamed, hot_prompt in kernel_rates(args.threads):
             print(f"| {name} | {hot:.1f} | {streamed:.1f} | {hot_prompt:.1f} |")
+        print(f"\n| MXFP4 dequantized, [5760, 2880], {args.threads} threads (G values/s) | native | pure PyTorch "
+              "| ratio |\n| --- | ---: | ---: | ---: |")  # fmt: skip
+        for dtype, fast, reference in dequantize_rates(args.threads):
+            print(f"| into {dtype} | {fast:.2f} | {reference:.2f} | {fast / reference:.1f}x |")
         return
     if bool(args.llama_bench) != bool(args.gguf):
         parser.error("--llama-bench and --gguf go together")

@@ -311,8 +311,9 @@ def test_packed_linear_backward_equals_autograd_through_the_dequantized_weight()
 
 
 def test_packed_products_of_one_shape_share_one_buffer_and_stay_right():
-    """Every product dequantizes into the one buffer kept for its weight's shape: a second weight's forward pass
-    overwrites the first's dense weight, and the first's backward pass, which dequantizes again, is still right."""
+    """Every product dequantizes into the one buffer kept for its weight's shape (and dtype): a second weight's
+    forward pass overwrites the first's dense weight, and the first's backward pass, which dequantizes again, is
+    still right."""
     (blocks_a, scales_a), (blocks_b, scales_b) = packed_weight(seed=0), packed_weight(seed=1)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -323,7 +324,7 @@ def test_packed_products_of_one_shape_share_one_buffer_and_stay_right():
     torch.testing.assert_close(yb, x @ wb.T)
     torch.testing.assert_close(xa.grad, torch.ones(5, 48) @ wa)
     torch.testing.assert_close(xb.grad, 2 * torch.ones(5, 48) @ wb)
-    assert [key for key in packed_module._BUFFERS if key[0] == tuple(scales_a.shape)] == [(scales_a.shape, x.device)]
+    assert (tuple(scales_a.shape), torch.float32, x.device) in packed_module._BUFFERS
 
 
 def test_packed_linear_under_autocast_computes_as_autocast_would():

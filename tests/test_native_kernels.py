@@ -48,7 +48,7 @@ def rounding_bound(x: torch.Tensor, w: torch.Tensor, row_scales: torch.Tensor | 
 
 def dequantize64(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 rows in float64, from the format's definition (code table times 2^(e - 127))."""
-    fp4 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+    fp4 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
     codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long().flatten(-2)  # low nibble first
     return (fp4[codes] * torch.exp2(scales.double() - 127)[..., None]).flatten(-2)
 
@@ -114,6 +114,33 @@ def test_mxfp4_linear_extreme_scales_and_zero_blocks():
     assert finite.sum() >= 20
     assert ((got.double() - exact).abs() <= rounding_bound(x, w) + 2**-24 * exact.abs())[finite].all()
     assert torch.equal(got[:, 3], torch.zeros(n))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 9, 40)])  # scales' shape [..., G]
+def test_mxfp4_dequantize_is_the_format_exactly(dtype, shape, monkeypatch):
+    """The native dequantization (into a new tensor and into `out`) against the format's definition in float64: bit
+    for bit, for every byte and every exponent from 0x00 (2^-127) to 0xFE (2^127; 6 * 2^127 overflows to inf, as
+    float64's value does when rounded). Exponent 0xFF (inf, and NaN for code 0) as the pure-PyTorch lookup gives it."""
+    g = torch.Generator().manual_seed(len(shape))
+    blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 255, shape, dtype=torch.uint8, generator=g)
+    scales.view(-1)[: min(255, scales.numel())] = torch.arange(min(255, scales.numel()), dtype=torch.uint8)
+    blocks.view(-1)[: min(256, blocks.numel())] = torch.arange(min(256, blocks.numel()), dtype=torch.uint8)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    expected = dequantize64(blocks, scales).to(dtype)
+    out = torch.empty(expected.shape, dtype=dtype)
+    assert dequantize(blocks, scales, dtype, out=out) is out
+    assert torch.equal(out.view(bits), expected.view(bits))
+    assert torch.equal(dequantize(blocks, scales, dtype).view(bits), expected.view(bits))
+
+    scales.view(-1)[::2] = 0xFF
+    got = dequantize(blocks, scales, dtype)
+    monkeypatch.setattr("ossgpt.kernels.mxfp4.native", lambda: None)
+    torch.testing.assert_close(got, dequantize(blocks, scales, dtype), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize(blocks, scales, dtype, out=torch.empty(expected.shape, dtype=torch.float16))
 
 
 @needs_native

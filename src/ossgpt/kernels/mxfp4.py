@@ -49,31 +49,39 @@ def dequantize(
 ) -> torch.Tensor:
     """blocks [..., G, 16], scales [..., G] (uint8) -> values [..., G * 32] in `dtype`.
 
-    out: a float32 tensor [..., G * 32] (contiguous) to write the values into, instead of a new one; it is what is
-    returned when dtype is float32.
+    out: a contiguous tensor [..., G * 32] of `dtype` to write the values into, and return, instead of a new one.
 
     Exact in float32 and bfloat16 (an FP4 value has 2 significant bits) for every scale those dtypes can represent
-    (scale 255, NaN in the OCP format, gives NaN or inf). Each byte is looked up once in a table of its two values,
-    INDEX_BYTES bytes at a time on CPU (a lookup wants int32 indices: converted all at once, they would be a temporary
-    half the size of the result), and the scales are multiplied in place: few passes over the values and no
-    temporary the size of the weight, which matters where experts are dequantized again at every training step
-    (ossgpt.lora.packed).
+    (scale 255, NaN in the OCP format, gives NaN or inf). On CPU, float32 and bfloat16 values come from the native
+    kernel (ossgpt.kernels.native), written straight into `out`; otherwise each byte is looked up once in a table of
+    its two values, INDEX_BYTES bytes at a time on CPU (a lookup wants int32 indices: converted all at once, they
+    would be a temporary half the size of the result), and the scales are multiplied in place. Either way there is no
+    temporary the size of the weight (but the float32 values, for another dtype), which matters where experts are
+    dequantized again at every training step (ossgpt.lora.packed).
     """
     check_packed(blocks, scales)
+    shape = (*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=blocks.device)
+    elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor {list(shape)}, got {out.dtype} {list(out.shape)}")
+    module = native() if blocks.is_cpu and dtype in (torch.float32, torch.bfloat16) else None
+    if module is not None:
+        module.mxfp4_dequantize(blocks.contiguous(), scales.contiguous(), out)
+        return out
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     byte = torch.arange(256)
     pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1).to(blocks.device)  # [256, 2]: low nibble first
     powers = torch.tensor([2.0 ** (e - SCALE_BIAS) for e in range(256)], dtype=torch.float32, device=blocks.device)
-    if out is None:
-        out = torch.empty(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE, dtype=torch.float32, device=blocks.device)
-    values = out.view(*scales.shape, BLOCK_SIZE)  # [..., G, 32]
+    wide = out if dtype == torch.float32 else torch.empty(shape, dtype=torch.float32, device=blocks.device)
+    values = wide.view(*scales.shape, BLOCK_SIZE)  # [..., G, 32]
     flat_bytes, flat_pairs = blocks.reshape(-1), values.view(-1, 2)
     step = INDEX_BYTES if blocks.device.type == "cpu" else max(1, flat_bytes.numel())  # an accelerator: one launch
     for start in range(0, flat_bytes.numel(), step):
         part = slice(start, start + step)
         torch.index_select(pairs, 0, flat_bytes[part].int(), out=flat_pairs[part])
     values *= powers[scales.int()][..., None]
-    return values.flatten(-2).to(dtype)
+    return out if wide is out else out.copy_(wide)
 
 
 def quantize_mxfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,10 +11,10 @@ frozen (ossgpt.lora), only the adapters beside it train.
 
 The native CPU kernels that `mxfp4_linear` uses for inference have no backward; this is the product to train with.
 
-The dense weight lives only for the product that needs it, so every product dequantizes into one float32 buffer
-kept for the weight's shape (`_dense`): allocated afresh, each would be paged in anew, three times per expert and
-step (66 MB for a gate_up projection of gpt-oss-20b). Not thread-safe: one training thread per process, as the
-chunked loss's workspace.
+The dense weight lives only for the product that needs it, so every product dequantizes into one buffer kept for
+the weight's shape and the matmul dtype (`_dense`): allocated afresh, each would be paged in anew, three times per
+expert and step (66 MB for a gate_up projection of gpt-oss-20b in float32). Not thread-safe: one training thread
+per process, as the chunked loss's workspace.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ossgpt.kernels.mxfp4 import BLOCK_SIZE, dequantize
 
-_BUFFERS: dict[tuple, torch.Tensor] = {}  # (scales' shape, device) -> the float32 buffer `_dense` dequantizes into
+_BUFFERS: dict[tuple, torch.Tensor] = {}  # (scales' shape, dtype, device) -> the buffer `_dense` dequantizes into
 
 
 def packed_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -36,9 +36,10 @@ def packed_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -
 def _dense(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight [out, in] that blocks and scales hold, in dtype, dequantized into the buffer kept for its shape:
     valid until the next call."""
-    key = (tuple(scales.shape), blocks.device)
+    key = (tuple(scales.shape), dtype, blocks.device)
     if key not in _BUFFERS:
-        _BUFFERS[key] = torch.empty(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE, device=blocks.device)
+        shape = (*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE)
+        _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=blocks.device)
     return dequantize(blocks, scales, dtype, out=_BUFFERS[key])
 
 

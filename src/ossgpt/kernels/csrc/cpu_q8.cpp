@@ -989,6 +989,78 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return run(w, x, O, bias);
 }
 
+// MXFP4 rows -> their values, float32 or bfloat16, for products that want the dense weight (training through the
+// packed experts: ossgpt.lora.packed). blocks [R, G, 16], scales [R, G] -> out [R, G * 32], written in place.
+// Exact: a value is an FP4 value (2 significant bits) times a power of two, which float32 holds and bfloat16 too (the
+// same exponent range): its float32's high half is its bfloat16. Scale 255 gives inf or NaN, as float32 arithmetic does.
+template <typename T>
+inline void store_values(const float* v, T* out) {  // 32 float32 values -> out
+  for (int j = 0; j < QK; ++j) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[j] = v[j];
+    } else {
+      uint32_t bits;
+      std::memcpy(&bits, &v[j], sizeof bits);
+      out[j] = uint16_t(bits >> 16);
+    }
+  }
+}
+
+template <typename T>  // T: float, or uint16_t for bfloat16's bits
+void dequantize_blocks(const uint8_t* blocks, const uint8_t* scales, T* out, int64_t begin, int64_t end) {
+#if defined(OSSGPT_AVX512)
+  const __m512 table = _mm512_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);  // low, high, ...
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512i nibble = _mm512_set1_epi32(0x0F);
+  for (int64_t g = begin; g < end; ++g) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * 16)));
+    const __m512 scale = _mm512_set1_ps(std::ldexp(1.0f, int(scales[g]) - 127));
+    const __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, nibble), table), scale);
+    const __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
+    const __m512 a = _mm512_permutex2var_ps(low, first, high), b = _mm512_permutex2var_ps(low, second, high);
+    T* o = out + g * QK;
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(o, a);
+      _mm512_storeu_ps(o + 16, b);
+    } else {  // the high halves
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(a), 16)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(b), 16)));
+    }
+  }
+#else
+  static constexpr float kValues[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+  float v[QK];
+  for (int64_t g = begin; g < end; ++g) {
+    const float scale = std::ldexp(1.0f, int(scales[g]) - 127);
+    for (int j = 0; j < QK / 2; ++j) {
+      const uint8_t byte = blocks[g * 16 + j];
+      v[2 * j] = kValues[byte & 0x0F] * scale;
+      v[2 * j + 1] = kValues[byte >> 4] * scale;
+    }
+    store_values(v, out + g * QK);
+  }
+#endif
+}
+
+void mxfp4_dequantize(const torch::Tensor& blocks, const torch::Tensor& scales, torch::Tensor& out) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kUInt8 &&
+                  blocks.is_contiguous() && scales.is_contiguous() && blocks.dim() >= 2 &&
+                  blocks.size(-1) == QK / 2 && blocks.numel() == scales.numel() * (QK / 2),
+              "blocks [..., G, 16] and scales [..., G] must be contiguous uint8 tensors");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == scales.numel() * QK &&
+                  (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
+              "out must be a contiguous float32 or bfloat16 tensor of 32 values per block");
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  const bool wide = out.scalar_type() == torch::kFloat32;
+  float* f = wide ? out.data_ptr<float>() : nullptr;
+  uint16_t* h = wide ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, scales.numel(), 2048, [&](int64_t begin, int64_t end) {
+    wide ? dequantize_blocks(b, s, f, begin, end) : dequantize_blocks(b, s, h, begin, end);
+  });
+}
+
 std::string instruction_set() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512-vnni";
@@ -1029,5 +1101,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_table", &rotary_table, "positions [...], inv_freq [D/2], scaling -> cos, sin [..., D/2] f32, or None");
   m.def("top_k_softmax", &top_k_softmax, "logits [N, E] f32, k -> softmaxed top-k weights, indices [N, k], or None");
   m.def("write_kv", &write_kv, "a step's keys, values [B, K, T, D] and positions [B, T] into a KV cache, or False");
+  m.def("mxfp4_dequantize", &mxfp4_dequantize, "MXFP4 blocks [..., G, 16], scales [..., G] -> out [..., G * 32] (f32/bf16)");
   m.def("instruction_set", &instruction_set, "the instruction set this build uses");
 }
