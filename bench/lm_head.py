@@ -9,10 +9,13 @@ vocabulary, which the chunked loss (ossgpt.kernels.loss) forms 512 rows at a tim
   loss fwd+bwd     `linear_cross_entropy` forward and backward: the products plus the softmax passes
 
 and prints each one's FLOP/s and share of the 2048^3 rate: how close the step's largest part can come to the
-bound at these shapes. The process keeps freed memory for reuse, as `ossgpt train` does on CPU.
+bound at these shapes. The process keeps freed memory for reuse, as `ossgpt train` does on CPU. With `--dtype
+bfloat16` every product is bfloat16 (the bound too) and the loss runs under autocast, as training does by default
+on a CPU with native bfloat16 matmuls.
 
-    python bench/lm_head.py                # mini: 1,020 rows, vocabulary 100,352, hidden 512, chunks of 512
-    python bench/lm_head.py --quick        # smoke run on small shapes
+    python bench/lm_head.py                     # mini: 1,020 rows, vocabulary 100,352, hidden 512, chunks of 512
+    python bench/lm_head.py --dtype bfloat16    # the same in bfloat16 (autocast)
+    python bench/lm_head.py --quick             # smoke run on small shapes
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 rounds: checks the script works")
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default 5, quick 2); medians are reported")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the products' dtype")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     keep_freed_memory()
     rows, vocab, hidden, chunk, n = (120, 4096, 64, 64, 256) if args.quick else (1020, 100_352, 512, 512, 2048)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -45,26 +50,29 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(rows, hidden, generator=g, requires_grad=True)
     weight = (torch.randn(vocab, hidden, generator=g) * 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (rows,), generator=g)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, b = torch.randn(n, n, generator=g, dtype=dtype), torch.randn(n, n, generator=g, dtype=dtype)
     workspace: dict = {}
 
     chunks = [(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
-    logits, grad_logits = torch.empty(chunk, vocab), torch.randn(chunk, vocab, generator=g)
-    grad_x, grad_w = torch.empty(rows, hidden), torch.empty(vocab, hidden)
+    xd, wd = x.detach().to(dtype), weight.detach().to(dtype)  # the products' operands (autocast's casts)
+    logits, grad_logits = torch.empty(chunk, vocab, dtype=dtype), torch.randn(chunk, vocab, generator=g, dtype=dtype)
+    grad_x, grad_w = torch.empty(rows, hidden, dtype=dtype), torch.empty(vocab, hidden, dtype=dtype)
 
     def gemms():
         with torch.no_grad():
             for i, (lo, hi) in enumerate(chunks):
                 c = hi - lo
-                torch.mm(x[lo:hi], weight.t(), out=logits[:c])
-                torch.mm(grad_logits[:c], weight, out=grad_x[lo:hi])
+                torch.mm(xd[lo:hi], wd.t(), out=logits[:c])
+                torch.mm(grad_logits[:c], wd, out=grad_x[lo:hi])
                 if i == 0:
-                    torch.mm(grad_logits[:c].t(), x[lo:hi], out=grad_w)
+                    torch.mm(grad_logits[:c].t(), xd[lo:hi], out=grad_w)
                 else:
-                    grad_w.addmm_(grad_logits[:c].t(), x[lo:hi])
+                    grad_w.addmm_(grad_logits[:c].t(), xd[lo:hi])
 
     def loss():
-        linear_cross_entropy(x, weight, labels, chunk_size=chunk, workspace=workspace).backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            value = linear_cross_entropy(x, weight, labels, chunk_size=chunk, workspace=workspace)
+        value.backward()
         x.grad = weight.grad = None
 
     lm_flops = 3 * 2 * rows * vocab * hidden
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     rate = {name: work[name][1] / seconds[name] for name in work}
     bound = rate[f"gemm {n}^3"]
     print(
-        f"{torch.get_num_threads()} threads, {rounds} rounds, medians; rows {rows}, vocabulary {vocab}, hidden {hidden}"
+        f"{torch.get_num_threads()} threads, {rounds} rounds, medians; rows {rows}, vocabulary {vocab}, "
+        f"hidden {hidden}, {args.dtype}"
     )
     print(f"| part | ms | GFLOP/s | share of the {n}^3 rate |")
     print("| --- | ---: | ---: | ---: |")

@@ -65,8 +65,10 @@ def test_int8_rows_script():
     assert "weight read from memory" in out
 
 
-def test_lm_head_script():
-    out = run_script("lm_head.py", "--quick")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lm_head_script(dtype):
+    out = run_script("lm_head.py", "--quick", "--dtype", dtype)
+    assert f"hidden 64, {dtype}" in out
     parts = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert parts[0] == "part" and parts[1] == "gemm 256^3" and len(parts) == 4
     assert "linear_cross_entropy" in parts[3]
