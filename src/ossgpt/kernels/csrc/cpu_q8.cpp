@@ -993,52 +993,47 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 // packed experts: ossgpt.lora.packed). blocks [R, G, 16], scales [R, G] -> out [R, G * 32], written in place.
 // Exact: a value is an FP4 value (2 significant bits) times a power of two, which float32 holds and bfloat16 too (the
 // same exponent range): its float32's high half is its bfloat16. Scale 255 gives inf or NaN, as float32 arithmetic does.
-template <typename T>
-inline void store_values(const float* v, T* out) {  // 32 float32 values -> out
-  for (int j = 0; j < QK; ++j) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[j] = v[j];
-    } else {
-      uint32_t bits;
-      std::memcpy(&bits, &v[j], sizeof bits);
-      out[j] = uint16_t(bits >> 16);
-    }
-  }
-}
+constexpr float kFP4Values[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
 
 template <typename T>  // T: float, or uint16_t for bfloat16's bits
 void dequantize_blocks(const uint8_t* blocks, const uint8_t* scales, T* out, int64_t begin, int64_t end) {
+  const float* halves = MXFP4Weights::scale_table();  // 2^(e - 127) / 2
 #if defined(OSSGPT_AVX512)
-  const __m512 table = _mm512_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f);
+  const __m512 table = _mm512_loadu_ps(kFP4Values);
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);  // low, high, ...
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   const __m512i nibble = _mm512_set1_epi32(0x0F);
   for (int64_t g = begin; g < end; ++g) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * 16)));
-    const __m512 scale = _mm512_set1_ps(std::ldexp(1.0f, int(scales[g]) - 127));
+    const __m512 scale = _mm512_set1_ps(2.f * halves[scales[g]]);
     const __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, nibble), table), scale);
     const __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
-    const __m512 a = _mm512_permutex2var_ps(low, first, high), b = _mm512_permutex2var_ps(low, second, high);
     T* o = out + g * QK;
-    if constexpr (std::is_same_v<T, float>) {
-      _mm512_storeu_ps(o, a);
-      _mm512_storeu_ps(o + 16, b);
-    } else {  // the high halves
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(a), 16)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(b), 16)));
+    for (const __m512i& order : {first, second}) {  // values 0-15, then 16-31 of the block
+      const __m512 v = _mm512_permutex2var_ps(low, order, high);
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(o, v);
+      } else {  // the high halves
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+      }
+      o += 16;
     }
   }
 #else
-  static constexpr float kValues[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-  float v[QK];
   for (int64_t g = begin; g < end; ++g) {
-    const float scale = std::ldexp(1.0f, int(scales[g]) - 127);
-    for (int j = 0; j < QK / 2; ++j) {
-      const uint8_t byte = blocks[g * 16 + j];
-      v[2 * j] = kValues[byte & 0x0F] * scale;
-      v[2 * j + 1] = kValues[byte >> 4] * scale;
+    const float scale = 2.f * halves[scales[g]];
+    for (int j = 0; j < QK; ++j) {
+      const uint8_t byte = blocks[g * 16 + j / 2];
+      const float v = kFP4Values[j % 2 ? byte >> 4 : byte & 0x0F] * scale;  // low nibble first
+      if constexpr (std::is_same_v<T, float>) {
+        out[g * QK + j] = v;
+      } else {
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        out[g * QK + j] = uint16_t(bits >> 16);
+      }
     }
-    store_values(v, out + g * QK);
   }
 #endif
 }
